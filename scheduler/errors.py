@@ -1,0 +1,31 @@
+"""Typed errors the engine raises to its callers.
+
+Each carries what a client needs to fix its request; the gRPC frontend maps
+them to status codes in one place (no other module decides a status code).
+"""
+
+from __future__ import annotations
+
+
+class TreadleError(Exception):
+    """Base of the errors the engine reports to callers."""
+
+
+class ValidationError(TreadleError, ValueError):
+    """A request field is invalid. The message starts with the field's name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class QueueFullError(TreadleError):
+    """The waiting queue is at its limit; the client may retry later."""
+
+
+class EngineUnavailableError(TreadleError):
+    """The engine is not accepting requests (starting, draining or stopped)."""
+
+
+class DuplicateRequestError(TreadleError):
+    """A request with the same id is already in flight."""

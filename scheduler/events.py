@@ -1,0 +1,56 @@
+"""What the engine streams back for a request: token events, then one finish event."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..worker.plan import TokenLogprobs
+
+
+class FinishReason(enum.Enum):
+    """Why a request ended; every accepted request ends with exactly one."""
+
+    LENGTH = "length"  # max_new_tokens generated
+    EOS = "eos"  # the model produced one of its EOS tokens
+    STOP_SEQUENCE = "stop_sequence"  # a stop string appeared in the text
+    STOP_TOKEN = "stop_token"  # one of the request's stop token ids was generated
+    TIME_LIMIT = "time_limit"  # max_time elapsed since the request started generating
+    STOP_CRITERION = "stop_criterion"  # a custom stopping-criterion plugin fired
+    CANCELLED = "cancelled"  # aborted by the client, its deadline, or server shutdown
+    ERROR = "error"  # this request failed; the others went on
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Counts and timings of a finished request (seconds)."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    queue_s: float  # arrival to admission (0 if never admitted)
+    time_to_first_token_s: float | None  # arrival to first token; None if none
+    total_s: float  # arrival to finish
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """Tokens generated this step and the text they released."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str  # newly released text; "" while it is held back (partial UTF-8 or stop string)
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class FinishEvent:
+    """The terminal event of a request."""
+
+    request_id: str
+    reason: FinishReason
+    usage: Usage
+    stop_sequence: str | None = None  # the matched stop string, for STOP_SEQUENCE
+    message: str | None = None  # what went wrong, for ERROR and some CANCELLED
+
+
+Event = TokenEvent | FinishEvent

@@ -1,0 +1,85 @@
+"""Turning a request's input (prompt, chat messages or token ids) into prompt token ids."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+from .errors import ValidationError
+from .generation_request import GenerationRequest
+
+
+class InputProcessor:
+    """Tokenizes request inputs on the caller's thread.
+
+    Holds its own copy of the tokenizer, so encoding never shares a Rust
+    tokenizer with the step thread's detokenizers, and a lock for callers
+    on several threads.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The prompt's token ids; raises ValidationError naming the input field."""
+        given = [
+            name
+            for name, value in (
+                ("prompt", req.prompt),
+                ("messages", req.messages),
+                ("prompt_token_ids", req.prompt_token_ids),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValidationError(
+                "input",
+                "exactly one of prompt, messages, prompt_token_ids must be set"
+                + (f" (got {', '.join(given)})" if given else ""),
+            )
+        if req.prompt_token_ids is not None:
+            return self._checked_ids(req.prompt_token_ids)
+        if req.messages is not None:
+            return self._render_chat(req)
+        assert req.prompt is not None
+        if not req.prompt:
+            raise ValidationError("prompt", "must not be empty")
+        return self.encode(req.prompt, add_special_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        with self._lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _render_chat(self, req: GenerationRequest) -> list[int]:
+        assert req.messages is not None
+        if not req.messages:
+            raise ValidationError("messages", "must not be empty")
+        for i, m in enumerate(req.messages):
+            if not m.role:
+                raise ValidationError(f"messages[{i}].role", "must not be empty")
+        if not self.has_chat_template:
+            raise ValidationError("messages", "the model has no chat template; send a prompt")
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in req.messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        return self.encode(str(text), add_special_tokens=False)
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise ValidationError("prompt_token_ids", "must not be empty")
+        for i, t in enumerate(ids):
+            if not 0 <= t < self.vocab_size:
+                raise ValidationError(
+                    f"prompt_token_ids[{i}]", f"{t} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        return list(ids)

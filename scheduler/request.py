@@ -1,0 +1,190 @@
+"""The scheduler's request: one object that owns all of a request's state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..worker.params import SamplingParams
+from ..worker.plan import RowInput, RowOutput
+from .detokenizer import IncrementalDetokenizer
+from .events import Event, FinishEvent, FinishReason, TokenEvent, Usage
+from .stop_strings import StopStringMatcher
+
+EventSink = Callable[[list[Event]], None]  # receives a request's events of one step, in order
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no row
+    RUNNING = "running"  # holds a KV row; prefilled or about to be
+    FINISHED = "finished"  # terminal event emitted; holds nothing
+
+
+@dataclass(frozen=True, slots=True)
+class StoppingParams:
+    """When a request ends (besides cancellation), checked in this order each step."""
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...] = ()  # empty when the request ignores EOS
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    include_stop_in_output: bool = False
+    max_time: float | None = None  # seconds since admission
+
+
+@dataclass(eq=False)
+class Request:
+    """A request from arrival to its terminal event.
+
+    Everything about it lives here: ids, counters, parameters, stopping and
+    detokenizer state, timings and where its events go. Phase and budget are
+    derived from the counters, not stored.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    detokenizer: IncrementalDetokenizer
+    sink: EventSink
+    priority: int = 0
+    deadline: float | None = None  # monotonic time after which the request is cancelled
+    arrival: float = field(default_factory=time.monotonic)
+
+    token_ids: list[int] = field(init=False)  # prompt + generated
+    status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
+    row: int | None = field(default=None, init=False)  # KV row while running
+    admitted_at: float | None = field(default=None, init=False)
+    first_token_at: float | None = field(default=None, init=False)
+    cancel_reason: tuple[FinishReason, str | None] | None = field(default=None, init=False)
+    matcher: StopStringMatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+        self.matcher = StopStringMatcher(
+            self.stopping.stop_strings, self.stopping.include_stop_in_output
+        )
+
+    # -- derived state -------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def is_prefilled(self) -> bool:
+        """True once the prompt is in the KV row (a first token was generated)."""
+        return self.num_generated > 0
+
+    @property
+    def kv_len(self) -> int:
+        """Positions of this request held in its KV row."""
+        return len(self.token_ids) - 1 if self.is_prefilled else 0
+
+    @property
+    def max_total_len(self) -> int:
+        """The most KV positions this request can ever need."""
+        return self.prompt_len + self.stopping.max_new_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def row_input(self) -> RowInput:
+        """How the worker sees this request this step (prefill or decode)."""
+        assert self.row is not None
+        if self.is_prefilled:
+            input_ids: list[int] = self.token_ids[-1:]
+            start = len(self.token_ids) - 1
+        else:
+            input_ids, start = self.prompt_ids, 0
+        return RowInput(
+            key=self.request_id,
+            row=self.row,
+            input_ids=input_ids,
+            start=start,
+            token_ids=self.token_ids,
+            prompt_len=self.prompt_len,
+            params=self.sampling,
+        )
+
+    # -- transitions ---------------------------------------------------------
+    def admit(self, row: int, now: float) -> None:
+        self.status = RequestStatus.RUNNING
+        self.row = row
+        self.admitted_at = now
+
+    def accept(self, out: RowOutput, now: float) -> list[Event]:
+        """Apply one generated token; return its events (a FinishEvent last if it ended)."""
+        token = out.token_id
+        self.token_ids.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        reason = self._token_stop_reason(token)
+        drop_text = reason in (FinishReason.EOS, FinishReason.STOP_TOKEN) and not (
+            self.stopping.include_stop_in_output
+        )
+        text, matched = ("", None) if drop_text else self.matcher.feed(self.detokenizer.step(token))
+        if reason is None and matched is not None:
+            reason = FinishReason.STOP_SEQUENCE
+        if reason is None:
+            reason = self._late_stop_reason(out, now)
+        if reason is not None and matched is None:
+            text += self.matcher.flush()
+        logprobs = (out.logprobs,) if out.logprobs is not None else ()
+        events: list[Event] = [TokenEvent(self.request_id, (token,), text, logprobs)]
+        if reason is not None:
+            events.append(self.finish(reason, now, stop_sequence=matched))
+        return events
+
+    def finish(
+        self,
+        reason: FinishReason,
+        now: float,
+        stop_sequence: str | None = None,
+        message: str | None = None,
+    ) -> FinishEvent:
+        """Mark the request finished and build its terminal event."""
+        self.status = RequestStatus.FINISHED
+        self.row = None
+        return FinishEvent(
+            request_id=self.request_id,
+            reason=reason,
+            usage=self.usage(now),
+            stop_sequence=stop_sequence,
+            message=message,
+        )
+
+    def usage(self, now: float) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_len,
+            generated_tokens=self.num_generated,
+            queue_s=(self.admitted_at - self.arrival) if self.admitted_at is not None else 0.0,
+            time_to_first_token_s=(
+                self.first_token_at - self.arrival if self.first_token_at is not None else None
+            ),
+            total_s=now - self.arrival,
+        )
+
+    # -- stopping rules, in DESIGN order ---------------------------------------
+    def _token_stop_reason(self, token: int) -> FinishReason | None:
+        if self.num_generated >= self.stopping.max_new_tokens:
+            return FinishReason.LENGTH
+        if token in self.stopping.eos_token_ids:
+            return FinishReason.EOS
+        if token in self.stopping.stop_token_ids:
+            return FinishReason.STOP_TOKEN
+        return None
+
+    def _late_stop_reason(self, out: RowOutput, now: float) -> FinishReason | None:
+        max_time = self.stopping.max_time
+        if max_time is not None and self.admitted_at is not None and now - self.admitted_at >= max_time:
+            return FinishReason.TIME_LIMIT
+        if out.stop:
+            return FinishReason.STOP_CRITERION
+        return None

@@ -1,0 +1,48 @@
+"""Which request holds each KV row; active rows are always the leading ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from ..worker.plan import RowMove
+from .request import Request
+
+
+class RowTable:
+    """Row allocation for the slot KV cache.
+
+    Rows 0..n-1 are held by running requests in order; `allocate` takes row n,
+    `free` fills each hole by moving the last row down, and returns the KV
+    moves the worker must apply before its next forward.
+    """
+
+    def __init__(self, rows: int, max_len: int) -> None:
+        self.capacity = rows
+        self.max_len = max_len  # KV positions per row
+        self._rows: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._rows)
+
+    def can_allocate(self, req: Request) -> bool:
+        return len(self._rows) < self.capacity and req.max_total_len <= self.max_len
+
+    def allocate(self, req: Request) -> int:
+        if not self.can_allocate(req):
+            raise RuntimeError(f"no row for request {req.request_id}")
+        self._rows.append(req)
+        return len(self._rows) - 1
+
+    def free(self, rows: Iterable[int]) -> list[RowMove]:
+        """Release `rows`, compacting the table; return the KV moves, in order."""
+        moves: list[RowMove] = []
+        for row in sorted(set(rows), reverse=True):  # highest first: each hole gets a live row
+            last = self._rows.pop()
+            if row < len(self._rows):
+                self._rows[row] = last
+                last.row = row
+                moves.append(RowMove(src=len(self._rows), dst=row, length=last.kv_len))
+        return moves

@@ -1,0 +1,90 @@
+"""Test helpers shared by the engine tests: drive the engine step by step, collect events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from treadle.scheduler.engine import Engine
+from treadle.scheduler.events import Event, FinishEvent, TokenEvent
+from treadle.scheduler.generation_request import GenerationRequest
+
+
+@dataclass
+class Collected:
+    """A request's events, as a client would see them."""
+
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for e in self.events if isinstance(e, TokenEvent) for t in e.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TokenEvent))
+
+    @property
+    def finish(self) -> FinishEvent:
+        final = [e for e in self.events if isinstance(e, FinishEvent)]
+        assert len(final) == 1, f"{len(final)} terminal events"
+        assert self.events[-1] is final[0], "the terminal event is not the last one"
+        return final[0]
+
+
+def drive(
+    engine: Engine, arrivals: Iterable[tuple[int, GenerationRequest]], max_steps: int = 10_000
+) -> dict[str, Collected]:
+    """Run the engine's scheduler and worker on this thread, adding each request at its step.
+
+    Deterministic: no step thread. Returns each request's events by id.
+    """
+    pending = sorted(arrivals, key=lambda a: a[0])
+    out: dict[str, Collected] = {}
+    step = 0
+    while pending or engine.scheduler.has_work:
+        assert step < max_steps, "the engine did not finish in time"
+        while pending and pending[0][0] <= step:
+            _, gen = pending.pop(0)
+            assert gen.request_id is not None
+            sink = out.setdefault(gen.request_id, Collected()).events.extend
+            engine.scheduler.add(engine.factory.build(gen, gen.request_id, sink))
+        plan = engine.scheduler.schedule()
+        if not plan.is_empty:
+            engine.scheduler.update(plan, engine.worker.execute(plan))
+        for req, events in engine.scheduler.take_events():
+            req.sink(events)
+        step += 1
+    return out
+
+
+async def collect(engine: Engine, gen: GenerationRequest) -> Collected:
+    """Run one request through the engine's async API."""
+    got = Collected()
+    async for event in engine.generate(gen):
+        got.events.append(event)
+    return got
+
+
+async def collect_all(engine: Engine, gens: Iterable[GenerationRequest]) -> list[Collected]:
+    return list(await asyncio.gather(*(collect(engine, g) for g in gens)))
+
+
+def reference_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """What `model.generate(..., do_sample=False)` gives this request alone, cut after EOS."""
+    from conftest import standard_attention
+
+    with standard_attention(model), torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=eos,
+        )
+    ids = out[0, len(prompt_ids) :].tolist()
+    return ids[: ids.index(eos) + 1] if eos in ids else ids

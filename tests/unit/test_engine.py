@@ -1,0 +1,254 @@
+"""The engine on a tiny random llama: batched output equals transformers' own, alone."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+import pytest
+import torch
+from helpers import Collected, collect, collect_all, drive, reference_greedy
+
+from treadle.scheduler.engine import Engine, EngineConfig
+from treadle.scheduler.errors import QueueFullError, ValidationError
+from treadle.scheduler.events import FinishReason
+from treadle.scheduler.generation_request import GenerationRequest, PluginRequest
+from treadle.scheduler.step_stats import StepStats
+from treadle.worker.loader import LoadedModel
+from treadle.worker.plugins import default_registry
+from treadle.worker.plugins.base import LogitsPlugin, PluginContext
+
+
+def tiny_engine(tiny: LoadedModel, **config: Any) -> Engine:
+    settings = {"max_batch_rows": 8, "max_seq_len": 128, "prefill_token_budget": 64, **config}
+    return Engine(tiny, EngineConfig(**settings))
+
+
+def random_prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 40000) for _ in range(n)]
+
+
+def test_greedy_batched_equals_generate_alone(tiny: LoadedModel) -> None:
+    rng = random.Random(0)
+    requests = []
+    for i in range(28):
+        prompt = random_prompt(rng, rng.randint(1, 60))
+        budget = rng.randint(1, 40)
+        arrival = rng.randint(0, 30)
+        requests.append((arrival, GenerationRequest(
+            prompt_token_ids=prompt, max_new_tokens=budget, request_id=f"r{i}"
+        )))
+    expected = {
+        g.request_id: reference_greedy(tiny.model, g.prompt_token_ids or [], g.max_new_tokens or 0, 2)
+        for _, g in requests
+    }
+    engine = tiny_engine(tiny)  # 8 rows for 28 requests: rows are freed and reused
+    got = drive(engine, requests)
+    budgets = {g.request_id: g.max_new_tokens for _, g in requests}
+    for rid, want in expected.items():
+        assert got[rid].tokens == want, rid
+        full = len(want) == budgets[rid]
+        assert got[rid].finish.reason is (FinishReason.LENGTH if full else FinishReason.EOS)
+
+
+def test_async_api_matches_step_driver(tiny: LoadedModel) -> None:
+    rng = random.Random(1)
+    gens = [
+        GenerationRequest(prompt_token_ids=random_prompt(rng, 5 + i), max_new_tokens=6 + i,
+                          request_id=f"a{i}")
+        for i in range(10)
+    ]
+    want = {g.request_id: reference_greedy(tiny.model, g.prompt_token_ids or [], g.max_new_tokens or 0, 2)
+            for g in gens}
+    engine = tiny_engine(tiny, max_batch_rows=4)
+    engine.start()
+    try:
+        import asyncio
+
+        results = asyncio.run(collect_all(engine, gens))
+    finally:
+        engine.stop()
+    for g, r in zip(gens, results, strict=True):
+        assert r.tokens == want[g.request_id]
+
+
+def seeded(prompt: list[int], rid: str, seed: int | None = 1234) -> GenerationRequest:
+    return GenerationRequest(
+        prompt_token_ids=prompt, max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=50,
+        seed=seed, request_id=rid, ignore_eos=True,
+    )
+
+
+def test_seeded_sample_is_the_same_alone_and_in_a_busy_batch(tiny: LoadedModel) -> None:
+    rng = random.Random(2)
+    prompt = random_prompt(rng, 12)
+    alone = drive(tiny_engine(tiny), [(0, seeded(prompt, "s"))])["s"].tokens
+    busy: list[tuple[int, GenerationRequest]] = [(3, seeded(prompt, "s"))]
+    for i in range(12):  # greedy, unseeded sampled and other-seed rows around it
+        kind = i % 3
+        gen = GenerationRequest(
+            prompt_token_ids=random_prompt(rng, rng.randint(2, 40)),
+            max_new_tokens=rng.randint(5, 30),
+            temperature=0.0 if kind == 0 else 1.3,
+            seed=None if kind != 2 else 99 + i,
+            repetition_penalty=1.2 if kind == 1 else 1.0,
+            request_id=f"o{i}",
+        )
+        busy.append((rng.randint(0, 6), gen))
+    with_others = drive(tiny_engine(tiny, max_batch_rows=6), busy)
+    assert with_others["s"].tokens == alone
+    assert len(alone) == 24
+    other_seed = drive(tiny_engine(tiny), [(0, seeded(prompt, "s", seed=4321))])["s"].tokens
+    assert other_seed != alone
+
+
+def test_cancel_frees_the_row_and_the_others_are_unaffected(tiny: LoadedModel) -> None:
+    rng = random.Random(3)
+    gens = [GenerationRequest(prompt_token_ids=random_prompt(rng, 8), max_new_tokens=40,
+                              request_id=f"c{i}", ignore_eos=True) for i in range(3)]
+    want = {g.request_id: reference_greedy(tiny.model, g.prompt_token_ids or [], 40, -1) for g in gens}
+    engine = tiny_engine(tiny, max_batch_rows=2)
+    got: dict[str, Collected] = {}
+    for g in gens:
+        assert g.request_id is not None
+        engine.scheduler.add(engine.factory.build(g, g.request_id, got.setdefault(g.request_id, Collected()).events.extend))
+    rows_seen = []
+    for step in range(200):
+        if step == 5:
+            assert engine.scheduler.abort("c0")
+        plan = engine.scheduler.schedule()
+        rows_seen.append({r.key: r.row for r in plan.rows})
+        if plan.is_empty:
+            break
+        engine.scheduler.update(plan, engine.worker.execute(plan))
+        for req, events in engine.scheduler.take_events():
+            req.sink(events)
+    assert got["c0"].finish.reason is FinishReason.CANCELLED
+    assert got["c0"].tokens == want["c0"][:5]
+    # c2 waited for a row; it got c0's freed row (c1 moved down into row 0) right after the cancel
+    assert rows_seen[5] == {"c1": 0, "c2": 1}
+    assert engine.scheduler.num_running == 0
+    assert got["c1"].tokens == want["c1"]
+    assert got["c2"].tokens == want["c2"]
+
+
+def test_validation_errors_name_the_field(tiny: LoadedModel) -> None:
+    engine = tiny_engine(tiny)
+    engine.start()
+    try:
+        cases = {
+            "prompt": GenerationRequest(prompt_token_ids=[5] * 200),
+            "max_new_tokens": GenerationRequest(prompt_token_ids=[5] * 100, max_new_tokens=50),
+            "temperature": GenerationRequest(prompt="hi", temperature=-1.0),
+            "top_p": GenerationRequest(prompt="hi", top_p=0.0),
+            "input": GenerationRequest(),
+            "plugins[0]": GenerationRequest(prompt="hi", plugins=[PluginRequest("nope")]),
+            "stop": GenerationRequest(prompt="hi", stop=["x"] * 17),
+            "prompt_token_ids[1]": GenerationRequest(prompt_token_ids=[5, 10**9]),
+            "top_logprobs": GenerationRequest(prompt="hi", top_logprobs=21),
+        }
+        for field, gen in cases.items():
+            with pytest.raises(ValidationError) as info:
+                engine.submit(gen, lambda events: None)
+            assert info.value.field == field, str(info.value)
+        assert engine.num_in_flight == 0  # nothing was queued
+        with pytest.raises(ValidationError, match=r"limit is 127"):
+            engine.submit(GenerationRequest(prompt_token_ids=[5] * 200), lambda e: None)
+    finally:
+        engine.stop()
+
+
+def test_queue_limit(tiny: LoadedModel) -> None:
+    engine = tiny_engine(tiny, max_batch_rows=1, max_waiting=1)
+    running = threading.Event()
+    engine.step_observers.append(lambda s: running.set() if s.running >= 1 else None)
+    engine.start()
+    try:
+        long = GenerationRequest(prompt="x", max_new_tokens=120, ignore_eos=True)
+        first = engine.submit(long, lambda e: None)
+        assert running.wait(30)
+        engine.submit(long, lambda e: None)  # waits: the one row is taken
+        with pytest.raises(QueueFullError):
+            engine.submit(long, lambda e: None)
+        engine.abort(first)
+    finally:
+        engine.stop()
+    assert engine.num_in_flight == 0
+
+
+class Exploding(LogitsPlugin):
+    name = "explode"
+
+    def bind(self, args: Any, ctx: PluginContext) -> object:
+        return None
+
+    def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
+        raise RuntimeError("kaboom")
+
+
+def test_a_failing_plugin_ends_only_its_request(tiny: LoadedModel) -> None:
+    plugins = default_registry()
+    plugins.register("explode", Exploding())
+    engine = Engine(tiny, EngineConfig(max_batch_rows=4, max_seq_len=128), plugins)
+    rng = random.Random(4)
+    good = GenerationRequest(prompt_token_ids=random_prompt(rng, 6), max_new_tokens=10,
+                             request_id="good", ignore_eos=True)
+    bad = GenerationRequest(prompt_token_ids=random_prompt(rng, 6), max_new_tokens=10,
+                            request_id="bad", plugins=[PluginRequest("explode")])
+    got = drive(engine, [(0, good), (2, bad)])
+    assert got["bad"].finish.reason is FinishReason.ERROR
+    assert "kaboom" in (got["bad"].finish.message or "")
+    assert got["good"].finish.reason is FinishReason.LENGTH
+    assert got["good"].tokens == reference_greedy(tiny.model, good.prompt_token_ids or [], 10, -1)
+
+
+def test_confidence_stop_plugin_ends_with_stop_criterion(tiny: LoadedModel) -> None:
+    engine = tiny_engine(tiny)
+    gen = GenerationRequest(
+        prompt_token_ids=[100, 200, 300], max_new_tokens=30, temperature=1.0, seed=7,
+        request_id="c", ignore_eos=True,
+        plugins=[PluginRequest("confidence_stop", {"threshold": 0.999, "window": 2})],
+    )
+    got = drive(engine, [(0, gen)])["c"]
+    assert got.finish.reason is FinishReason.STOP_CRITERION
+    assert got.finish.usage.generated_tokens == 2
+
+
+def test_logprobs_match_the_model(tiny: LoadedModel) -> None:
+    prompt = [11, 22, 33, 44]
+    engine = tiny_engine(tiny)
+    gen = GenerationRequest(prompt_token_ids=prompt, max_new_tokens=3, logprobs=True,
+                            top_logprobs=3, request_id="l")
+    got = drive(engine, [(0, gen)])["l"]
+    from conftest import standard_attention
+
+    ids = list(prompt)
+    events = [e for e in got.events if hasattr(e, "logprobs")]
+    for event in events:
+        with standard_attention(tiny.model), torch.inference_mode():
+            logits = tiny.model(torch.tensor([ids])).logits[0, -1]
+        ref = torch.log_softmax(logits.float(), -1)
+        lp = event.logprobs[0]
+        assert lp.token_id == event.token_ids[0] == int(ref.argmax())
+        assert lp.logprob == pytest.approx(float(ref[lp.token_id]), abs=1e-4)
+        top = torch.topk(ref, 3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        ids.append(lp.token_id)
+
+
+def test_step_stats_are_observed(tiny: LoadedModel) -> None:
+    engine = tiny_engine(tiny)
+    seen: list[StepStats] = []
+    engine.step_observers.append(seen.append)
+    engine.start()
+    try:
+        import asyncio
+
+        got = asyncio.run(collect(engine, GenerationRequest(prompt="hello", max_new_tokens=5,
+                                                            ignore_eos=True)))
+    finally:
+        engine.stop()
+    assert got.finish.usage.generated_tokens == 5
+    assert sum(s.generated_tokens for s in seen) == 5
+    assert all(s.forward_s <= s.step_s for s in seen)

@@ -1,0 +1,294 @@
+"""The scheduler without a model: a fake worker returns hand-made tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from treadle.scheduler.detokenizer import IncrementalDetokenizer
+from treadle.scheduler.events import Event, FinishEvent, FinishReason, TokenEvent
+from treadle.scheduler.request import Request, StoppingParams
+from treadle.scheduler.scheduler import Scheduler, SchedulerConfig
+from treadle.worker.params import SamplingParams
+from treadle.worker.plan import RowOutput, StepOutput, StepPlan
+
+EOS = 2
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeWorker:
+    """Returns, for each row, the next token of that request's script."""
+
+    def __init__(self, scripts: dict[str, list[int]]) -> None:
+        self.scripts = scripts
+        self.plans: list[StepPlan] = []
+        self.errors: dict[str, str] = {}
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        self.plans.append(plan)
+        rows = []
+        for r in plan.rows:
+            if r.key in self.errors:
+                rows.append(RowOutput(token_id=-1, error=self.errors[r.key]))
+            else:
+                rows.append(RowOutput(token_id=self.scripts[r.key][r.num_generated]))
+        return StepOutput(rows=rows)
+
+
+class Harness:
+    def __init__(self, tokenizer: Any, **config: Any) -> None:
+        self.tokenizer = tokenizer
+        self.clock = FakeClock()
+        self.scheduler = Scheduler(SchedulerConfig(**config), clock=self.clock)
+        self.events: dict[str, list[Event]] = {}
+        self.worker = FakeWorker({})
+
+    def add(
+        self,
+        rid: str,
+        script: list[int],
+        prompt_len: int = 4,
+        max_new: int = 100,
+        priority: int = 0,
+        **stopping: Any,
+    ) -> Request:
+        self.worker.scripts[rid] = script
+        prompt = list(range(100, 100 + prompt_len))
+        req = Request(
+            request_id=rid,
+            prompt_ids=prompt,
+            sampling=SamplingParams(),
+            stopping=StoppingParams(max_new_tokens=max_new, eos_token_ids=(EOS,), **stopping),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt),
+            sink=self.events.setdefault(rid, []).extend,
+            priority=priority,
+            arrival=self.clock.now,
+        )
+        self.scheduler.add(req)
+        return req
+
+    def step(self) -> StepPlan:
+        plan = self.scheduler.schedule()
+        if not plan.is_empty:
+            self.scheduler.update(plan, self.worker.execute(plan))
+        for req, events in self.scheduler.take_events():
+            req.sink(events)
+        self.clock.now += 0.01
+        return plan
+
+    def finish(self, rid: str) -> FinishEvent:
+        final = [e for e in self.events[rid] if isinstance(e, FinishEvent)]
+        assert len(final) == 1, f"{rid} has {len(final)} terminal events"
+        return final[0]
+
+    def text(self, rid: str) -> str:
+        return "".join(e.text for e in self.events[rid] if isinstance(e, TokenEvent))
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for e in self.events[rid] if isinstance(e, TokenEvent) for t in e.token_ids]
+
+
+@pytest.fixture
+def h(tokenizer: Any) -> Harness:
+    return Harness(tokenizer, max_rows=2, max_seq_len=64, prefill_token_budget=100)
+
+
+def words(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_admission_is_bounded_by_free_rows_and_evicted_rows_are_reused(h: Harness) -> None:
+    h.add("a", [10, 11], max_new=2)
+    h.add("b", [20, 21, 22, 23], max_new=4)
+    h.add("c", [30, 31], max_new=2)
+    first = h.step()
+    assert [r.key for r in first.prefill] == ["a", "b"]  # two rows only
+    assert h.scheduler.num_waiting == 1
+    h.step()  # a generates its 2nd token and finishes; its row 0 is freed at once
+    assert h.finish("a").reason is FinishReason.LENGTH
+    third = h.step()
+    # b moved from row 1 into the freed row 0; c is admitted into row 1 in the same step
+    assert [(m.src, m.dst) for m in third.moves] == [(1, 0)]
+    assert third.moves[0].length == h.scheduler.get("b").kv_len - 1  # type: ignore[union-attr]
+    assert [(r.key, r.row) for r in third.decode] == [("b", 0)]
+    assert [(r.key, r.row) for r in third.prefill] == [("c", 1)]
+    while h.scheduler.has_work:
+        h.step()
+    assert h.tokens("b") == [20, 21, 22, 23]
+    assert h.tokens("c") == [30, 31]
+
+
+def test_priority_then_arrival_order(h: Harness) -> None:
+    h.add("low", [5], max_new=1, priority=0)
+    h.add("high", [5], max_new=1, priority=5)
+    h.add("low2", [5], max_new=1, priority=0)
+    h.add("mid", [5], max_new=1, priority=1)
+    admitted = []
+    for _ in range(4):
+        admitted += [r.key for r in h.step().prefill]
+    assert admitted == ["high", "mid", "low", "low2"]
+
+
+def test_prefill_budget_limits_admissions_but_never_starves(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_rows=8, max_seq_len=64, prefill_token_budget=10)
+    h.add("big", [1, 1], prompt_len=30, max_new=2)  # over the budget on its own
+    h.add("a", [1, 1], prompt_len=6, max_new=2)
+    h.add("b", [1, 1], prompt_len=6, max_new=2)
+    assert [r.key for r in h.step().prefill] == ["big"]
+    assert [r.key for r in h.step().prefill] == ["a"]  # 6 + 6 > 10
+    assert [r.key for r in h.step().prefill] == ["b"]
+
+
+def test_eos_and_stop_token_and_length(h: Harness) -> None:
+    h.add("eos", [7, 8, EOS, 9], max_new=10)
+    h.add("stoptok", [7, 42, 9], max_new=10, stop_token_ids=(42,))
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("eos").reason is FinishReason.EOS
+    assert h.tokens("eos") == [7, 8, EOS]
+    assert h.finish("eos").usage.generated_tokens == 3
+    assert h.finish("stoptok").reason is FinishReason.STOP_TOKEN
+    assert h.tokens("stoptok") == [7, 42]
+
+
+def test_ignore_eos_runs_to_length(h: Harness) -> None:
+    req = h.add("x", [EOS, EOS, EOS], max_new=3)
+    object.__setattr__(req.stopping, "eos_token_ids", ())
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("x").reason is FinishReason.LENGTH
+    assert h.tokens("x") == [EOS, EOS, EOS]
+
+
+def test_stop_string_across_tokens_is_held_back_and_stripped(h: Harness, tokenizer: Any) -> None:
+    ids = words(tokenizer, "The answer is forty two. END OF ANSWER and more")
+    h.add("s", ids, max_new=len(ids), stop_strings=("END OF",))
+    released: list[str] = []
+    while h.scheduler.has_work:
+        h.step()
+        released.append(h.text("s"))
+    final = h.finish("s")
+    assert final.reason is FinishReason.STOP_SEQUENCE
+    assert final.stop_sequence == "END OF"
+    assert h.text("s") == "The answer is forty two. "
+    # at no point did any part of the stop string reach the stream
+    assert all("END" not in t and not t.endswith(" E") for t in released)
+
+
+def test_stop_string_kept_when_asked(h: Harness, tokenizer: Any) -> None:
+    ids = words(tokenizer, "one two three four")
+    h.add("s", ids, max_new=len(ids), stop_strings=("two th",), include_stop_in_output=True)
+    while h.scheduler.has_work:
+        h.step()
+    assert h.text("s") == "one two th"
+
+
+def test_held_back_text_is_flushed_when_the_request_ends_otherwise(
+    h: Harness, tokenizer: Any
+) -> None:
+    ids = words(tokenizer, "hello wor")
+    h.add("s", ids, max_new=len(ids), stop_strings=("world peace",))
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("s").reason is FinishReason.LENGTH
+    assert h.text("s") == "hello wor"
+
+
+def test_max_time(h: Harness) -> None:
+    h.add("t", [5] * 50, max_new=50, max_time=0.025)
+    while h.scheduler.has_work:
+        h.step()
+    final = h.finish("t")
+    assert final.reason is FinishReason.TIME_LIMIT
+    assert 2 <= final.usage.generated_tokens < 50
+
+
+def test_cancel_running_frees_its_row_and_others_continue(h: Harness) -> None:
+    h.add("a", [1] * 10, max_new=10)
+    h.add("b", [4] * 5, max_new=5)
+    h.add("c", [3] * 3, max_new=3)
+    h.step()
+    h.step()
+    assert h.scheduler.abort("a")
+    plan = h.step()
+    assert h.finish("a").reason is FinishReason.CANCELLED
+    assert [r.key for r in plan.decode] == ["b"]  # b moved into a's row 0
+    assert [(m.src, m.dst) for m in plan.moves] == [(1, 0)]
+    assert [r.key for r in plan.prefill] == ["c"]
+    while h.scheduler.has_work:
+        h.step()
+    assert h.tokens("b") == [4] * 5 and h.tokens("c") == [3] * 3
+    assert h.tokens("a") == [1, 1]
+    assert not h.scheduler.abort("a")  # already gone
+
+
+def test_cancel_waiting_request(h: Harness) -> None:
+    h.add("a", [1] * 3, max_new=3)
+    h.add("b", [1] * 3, max_new=3)
+    h.add("w", [1] * 3, max_new=3)
+    h.step()
+    h.scheduler.abort("w")
+    h.step()
+    assert h.finish("w").reason is FinishReason.CANCELLED
+    assert h.finish("w").usage.generated_tokens == 0
+    assert h.scheduler.num_waiting == 0
+
+
+def test_deadline_cancels(h: Harness) -> None:
+    req = h.add("d", [1] * 50, max_new=50)
+    req.deadline = h.clock.now + 0.035
+    h.scheduler._deadlines.append((req.deadline, id(req), req))
+    while h.scheduler.has_work:
+        h.step()
+    final = h.finish("d")
+    assert final.reason is FinishReason.CANCELLED
+    assert final.message == "deadline exceeded"
+    assert 1 <= final.usage.generated_tokens < 10
+
+
+def test_row_error_ends_only_that_request(h: Harness) -> None:
+    h.add("bad", [1] * 5, max_new=5)
+    h.add("good", [4] * 5, max_new=5)
+    h.step()
+    h.worker.errors["bad"] = "plugin exploded"
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("bad").reason is FinishReason.ERROR
+    assert h.finish("bad").message == "plugin exploded"
+    assert h.finish("good").reason is FinishReason.LENGTH
+    assert h.tokens("good") == [4] * 5
+
+
+def test_failed_step_errors_its_rows_and_the_queue_goes_on(h: Harness) -> None:
+    h.add("a", [1] * 5, max_new=5)
+    h.add("b", [1] * 5, max_new=5)
+    h.add("later", [3] * 2, max_new=2)
+    plan = h.scheduler.schedule()
+    h.scheduler.fail(plan, "internal error: boom")
+    for req, events in h.scheduler.take_events():
+        req.sink(events)
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("a").reason is FinishReason.ERROR
+    assert h.finish("b").reason is FinishReason.ERROR
+    assert h.finish("later").reason is FinishReason.LENGTH
+
+
+def test_usage_timings(h: Harness) -> None:
+    h.add("a", [1, 1, 1], max_new=3)
+    while h.scheduler.has_work:
+        h.step()
+    usage = h.finish("a").usage
+    assert usage.prompt_tokens == 4
+    assert usage.generated_tokens == 3
+    assert usage.queue_s == pytest.approx(0.0)
+    assert usage.time_to_first_token_s == pytest.approx(0.0)
+    assert usage.total_s == pytest.approx(0.02)
