@@ -52,6 +52,7 @@ class EngineConfig:
     max_batch_rows: int = 64  # sequences running at once (KV rows)
     max_seq_len: int | None = None  # KV positions per row; None: min(context, 2048)
     prefill_token_budget: int = 512  # prompt tokens admitted per step
+    prefix_cache_rows: int = 4  # spare KV rows caching recent prompts' KV; 0 = off
     max_waiting: int = 1024  # queued requests beyond which submit raises QueueFullError
     seed: int | None = None  # sampling seed for requests without their own
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -87,13 +88,20 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.loaded = loaded
         self.worker = Worker(
-            loaded, WorkerConfig(config.max_batch_rows, config.max_seq_len, config.seed)
+            loaded,
+            WorkerConfig(
+                max_rows=config.max_batch_rows,
+                max_seq_len=config.max_seq_len,
+                seed=config.seed,
+                spare_rows=config.prefix_cache_rows,
+            ),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_rows=self.worker.max_rows,
                 max_seq_len=self.worker.max_seq_len,
                 prefill_token_budget=config.prefill_token_budget,
+                prefix_cache_rows=config.prefix_cache_rows,
             )
         )
         self.plugins = plugins or default_registry()
@@ -126,7 +134,9 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def load(cls, config: EngineConfig | None = None, plugins: PluginRegistry | None = None) -> Engine:
+    def load(
+        cls, config: EngineConfig | None = None, plugins: PluginRegistry | None = None
+    ) -> Engine:
         """Load the configured model and build an engine (not started)."""
         config = config or EngineConfig()
         return cls(load_model(config.model, device=config.device), config, plugins)

@@ -26,6 +26,7 @@ class Usage:
     """Counts and timings of a finished request (seconds)."""
 
     prompt_tokens: int
+    cached_prompt_tokens: int  # prompt tokens whose KV came from the prefix cache
     generated_tokens: int
     queue_s: float  # arrival to admission (0 if never admitted)
     time_to_first_token_s: float | None  # arrival to first token; None if none

@@ -80,6 +80,7 @@ class InputProcessor:
         for i, t in enumerate(ids):
             if not 0 <= t < self.vocab_size:
                 raise ValidationError(
-                    f"prompt_token_ids[{i}]", f"{t} is outside the vocabulary [0, {self.vocab_size})"
+                    f"prompt_token_ids[{i}]",
+                    f"{t} is outside the vocabulary [0, {self.vocab_size})",
                 )
         return list(ids)

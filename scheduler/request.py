@@ -57,6 +57,9 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     row: int | None = field(default=None, init=False)  # KV row while running
     admitted_at: float | None = field(default=None, init=False)
+    cached_len: int = field(
+        default=0, init=False
+    )  # prompt tokens whose KV came from the prefix cache
     first_token_at: float | None = field(default=None, init=False)
     cancel_reason: tuple[FinishReason, str | None] | None = field(default=None, init=False)
     matcher: StopStringMatcher = field(init=False)
@@ -102,7 +105,7 @@ class Request:
             input_ids: list[int] = self.token_ids[-1:]
             start = len(self.token_ids) - 1
         else:
-            input_ids, start = self.prompt_ids, 0
+            input_ids, start = self.prompt_ids[self.cached_len :], self.cached_len
         return RowInput(
             key=self.request_id,
             row=self.row,
@@ -114,10 +117,11 @@ class Request:
         )
 
     # -- transitions ---------------------------------------------------------
-    def admit(self, row: int, now: float) -> None:
+    def admit(self, row: int, now: float, cached_len: int = 0) -> None:
         self.status = RequestStatus.RUNNING
         self.row = row
         self.admitted_at = now
+        self.cached_len = cached_len
 
     def accept(self, out: RowOutput, now: float) -> list[Event]:
         """Apply one generated token; return its events (a FinishEvent last if it ended)."""
@@ -163,6 +167,7 @@ class Request:
     def usage(self, now: float) -> Usage:
         return Usage(
             prompt_tokens=self.prompt_len,
+            cached_prompt_tokens=self.cached_len,
             generated_tokens=self.num_generated,
             queue_s=(self.admitted_at - self.arrival) if self.admitted_at is not None else 0.0,
             time_to_first_token_s=(
@@ -183,7 +188,11 @@ class Request:
 
     def _late_stop_reason(self, out: RowOutput, now: float) -> FinishReason | None:
         max_time = self.stopping.max_time
-        if max_time is not None and self.admitted_at is not None and now - self.admitted_at >= max_time:
+        if (
+            max_time is not None
+            and self.admitted_at is not None
+            and now - self.admitted_at >= max_time
+        ):
             return FinishReason.TIME_LIMIT
         if out.stop:
             return FinishReason.STOP_CRITERION

@@ -14,7 +14,10 @@ rows are always rows 0..n-1 (the worker's slot layout).
   3. every running request decodes one token;
   4. waiting requests are admitted in queue order while a row is free and the
      step's prefill token budget lasts; the first admission of a step ignores
-     the budget, so a prompt longer than the budget is never starved.
+     the budget, so a prompt longer than the budget is never starved. A newly
+     admitted request whose prompt begins like a recently cached one gets
+     that prefix's KV copied into its row and prefills only the rest
+     (`prefix_cache.py`).
 `update(plan, output)` appends each row's token, detokenizes, checks the
 stopping rules, emits the events, and frees the rows of finished requests in
 the same step, so their rows are reused by the next `schedule()`.
@@ -29,8 +32,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..worker.plan import RowMove, StepOutput, StepPlan
+from ..worker.plan import RowInput, RowMove, StepOutput, StepPlan
 from .events import Event, FinishReason
+from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 from .row_table import RowTable
 from .waiting_queue import WaitingQueue
@@ -41,6 +45,8 @@ class SchedulerConfig:
     max_rows: int = 64  # KV rows: the most requests running at once
     max_seq_len: int = 2048  # KV positions per row: prompt + new tokens of one request
     prefill_token_budget: int = 512  # prompt tokens admitted per step (soft, see above)
+    prefix_cache_rows: int = 4  # spare KV rows (after max_rows) caching recent prompts; 0 = off
+    prefix_min_tokens: int = 8  # shortest shared prefix worth copying
 
 
 class Scheduler:
@@ -53,6 +59,9 @@ class Scheduler:
         self.clock = clock
         self.rows = RowTable(config.max_rows, config.max_seq_len)
         self.waiting = WaitingQueue()
+        self.prefix = PrefixCache(
+            config.max_rows, config.prefix_cache_rows, config.prefix_min_tokens
+        )
         self._by_id: dict[str, Request] = {}
         self._pending_moves: list[RowMove] = []
         self._to_cancel: list[Request] = []  # aborted since the last step
@@ -92,7 +101,10 @@ class Scheduler:
             heapq.heappush(self._deadlines, (req.deadline, id(req), req))
 
     def abort(
-        self, request_id: str, reason: FinishReason = FinishReason.CANCELLED, message: str | None = None
+        self,
+        request_id: str,
+        reason: FinishReason = FinishReason.CANCELLED,
+        message: str | None = None,
     ) -> bool:
         """Ask for a request to end; it finishes at the next `schedule()`. False if unknown."""
         req = self._by_id.get(request_id)
@@ -113,11 +125,16 @@ class Scheduler:
         plan.decode = [req.row_input() for req in self.rows]
         budget = self.config.prefill_token_budget
         while (req := self.waiting.peek()) is not None and self.rows.can_allocate(req):
-            if plan.prefill and req.prompt_len > budget:
+            hit = self.prefix.match(req.prompt_ids)
+            cached = hit[1] if hit else 0
+            if plan.prefill and req.prompt_len - cached > budget:
                 break
             self.waiting.pop()
-            req.admit(self.rows.allocate(req), now)
-            budget -= req.prompt_len
+            row = self.rows.allocate(req)
+            req.admit(row, now, cached)
+            if hit:
+                plan.moves.append(RowMove(src=hit[0], dst=row, length=cached))
+            budget -= req.prompt_len - cached
             plan.prefill.append(req.row_input())
         return plan
 
@@ -135,6 +152,10 @@ class Scheduler:
             if req.is_finished:
                 freed.append(row_in.row)
                 del self._by_id[req.request_id]
+        for row_in in plan.prefill:  # cache the prompts just prefilled, before compaction
+            save = self.prefix.save(self._prompt_of(row_in), row_in.row)
+            if save is not None:
+                self._pending_moves.append(save)
         self._free_rows(freed)
 
     def fail(self, plan: StepPlan, message: str) -> None:
@@ -177,6 +198,10 @@ class Scheduler:
             del self._by_id[req.request_id]
         self._to_cancel = []
         self._free_rows(freed)
+
+    @staticmethod
+    def _prompt_of(row_in: RowInput) -> list[int]:
+        return list(row_in.token_ids[: row_in.prompt_len])
 
     def _free_rows(self, rows: Iterable[int]) -> None:
         self._pending_moves.extend(self.rows.free(rows))

@@ -95,7 +95,9 @@ class RequestFactory:
         if gen.max_new_tokens is None:
             return min(self.limits.default_max_new_tokens, limit - prompt_len)
         if gen.max_new_tokens < 1:
-            raise ValidationError("max_new_tokens", f"must be at least 1 (got {gen.max_new_tokens})")
+            raise ValidationError(
+                "max_new_tokens", f"must be at least 1 (got {gen.max_new_tokens})"
+            )
         if prompt_len + gen.max_new_tokens > limit:
             raise ValidationError(
                 "max_new_tokens",
@@ -119,9 +121,13 @@ class RequestFactory:
             raise ValidationError("stop_token_ids", f"at most {lim.max_stop_token_ids} ids")
         self._check_vocab("stop_token_ids", gen.stop_token_ids)
         if gen.max_time is not None and not (math.isfinite(gen.max_time) and gen.max_time > 0):
-            raise ValidationError("max_time", f"must be a positive number of seconds (got {gen.max_time})")
+            raise ValidationError(
+                "max_time", f"must be a positive number of seconds (got {gen.max_time})"
+            )
         if gen.deadline is not None and not (math.isfinite(gen.deadline) and gen.deadline > 0):
-            raise ValidationError("deadline", f"must be a positive number of seconds (got {gen.deadline})")
+            raise ValidationError(
+                "deadline", f"must be a positive number of seconds (got {gen.deadline})"
+            )
         return StoppingParams(
             max_new_tokens=max_new,
             eos_token_ids=() if gen.ignore_eos else self.model.eos_token_ids,
@@ -217,7 +223,7 @@ class RequestFactory:
             try:
                 bindings.append(self.plugins.bind(p.name, p.args, self.plugin_context))
             except PluginArgumentError as exc:
-                raise ValidationError(f"plugins[{i}]", str(exc)) from exc
+                raise _plugin_error(i, p.name, str(exc)) from exc
         return tuple(bindings)
 
     def _check_vocab(self, field: str, ids: Iterable[int]) -> None:
@@ -226,6 +232,15 @@ class RequestFactory:
                 raise ValidationError(
                     field, f"token id {t} is outside the vocabulary [0, {self.model.vocab_size})"
                 )
+
+
+def _plugin_error(index: int, name: str, message: str) -> ValidationError:
+    """Re-anchor a plugin's "plugins[name].arg: ..." message on the request's plugins[index]."""
+    rest = message.removeprefix(f"plugins[{name}]")
+    if rest == message:  # no prefix: the message is about the whole entry
+        return ValidationError(f"plugins[{index}]", message)
+    field, _, detail = rest.partition(": ")
+    return ValidationError(f"plugins[{index}]{field}", detail)
 
 
 def _check_range(

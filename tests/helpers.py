@@ -74,17 +74,28 @@ async def collect_all(engine: Engine, gens: Iterable[GenerationRequest]) -> list
     return list(await asyncio.gather(*(collect(engine, g) for g in gens)))
 
 
-def reference_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
-    """What `model.generate(..., do_sample=False)` gives this request alone, cut after EOS."""
+def reference_greedy(
+    model: Any, prompt_ids: list[int], max_new_tokens: int, eos: int | None
+) -> list[int]:
+    """What `model.generate(..., do_sample=False)` gives this request alone.
+
+    Stops after `eos` (cut there); with `eos=None` EOS is ignored, as with `ignore_eos`.
+    """
+    import copy
+
     from conftest import standard_attention
 
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = eos
+    config.pad_token_id = eos if eos is not None else 0
     with standard_attention(model), torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt_ids]),
             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            generation_config=config,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=eos,
         )
     ids = out[0, len(prompt_ids) :].tolist()
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+    assert eos is not None or len(ids) == max_new_tokens
+    return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids

@@ -109,7 +109,7 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
     except OSError as exc:  # transformers reports a missing folder / hub id as OSError
         raise ModelNotFoundError(f"model {spec!r} could not be loaded: {exc}") from exc
     model.to(dev).eval()
@@ -169,7 +169,7 @@ def _convert(gguf: Path, target: Path) -> None:
     )
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The dequantised weights are plain tensors; drop the GGUF marker so they save.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -38,9 +38,7 @@ class ModelRunner:
         for r in plan.prefill:
             segments.append(Segment(r.row, r.start, len(r.input_ids), len(input_ids)))
             input_ids.extend(r.input_ids)
-        layout = SlotLayout.build(
-            self.cache, [r.start for r in plan.decode], segments, self.device
-        )
+        layout = SlotLayout.build(self.cache, [r.start for r in plan.decode], segments, self.device)
         # Index in the packed sequence of each row's last token: decode tokens, then segment ends.
         last = list(range(len(plan.decode))) + [s.offset + s.length - 1 for s in segments]
         out = self.model(

@@ -24,6 +24,7 @@ class WorkerConfig:
     max_rows: int = 64  # KV rows: sequences running at once
     max_seq_len: int | None = None  # KV positions per row; None: min(model context, 2048)
     seed: int | None = None  # seeds sampling of requests without their own seed
+    spare_rows: int = 0  # extra KV rows after max_rows, for the scheduler's prefix cache
 
     def seq_len_for(self, loaded: LoadedModel) -> int:
         limit = loaded.context_length
@@ -46,7 +47,9 @@ class Worker:
         self.loaded = loaded
         self.max_rows = config.max_rows
         self.max_seq_len = config.seq_len_for(loaded)
-        shape = KVShape.for_model(loaded.model.config, self.max_rows, self.max_seq_len)
+        shape = KVShape.for_model(
+            loaded.model.config, self.max_rows + config.spare_rows, self.max_seq_len
+        )
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
         log.info(
             "KV cache: %d rows x %d positions, %.2f GiB (%s, %d bytes per token)",

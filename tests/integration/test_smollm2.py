@@ -76,10 +76,21 @@ def test_stop_string_spanning_tokens_never_leaks(engine: Engine) -> None:
 
 def test_multi_token_stop_word_and_chat_end_marker(engine: Engine) -> None:
     # " Paris." is two tokens; the chat end marker is only visible with special tokens kept.
-    paris = chat(QUESTIONS[0], max_new_tokens=20, stop=["Paris."], include_stop_in_output=True,
-                 request_id="p")
-    marker = chat(QUESTIONS[0], max_new_tokens=20, ignore_eos=True, skip_special_tokens=False,
-                  stop=["<|im_end|>"], request_id="m")
+    paris = chat(
+        QUESTIONS[0],
+        max_new_tokens=20,
+        stop=["Paris."],
+        include_stop_in_output=True,
+        request_id="p",
+    )
+    marker = chat(
+        QUESTIONS[0],
+        max_new_tokens=20,
+        ignore_eos=True,
+        skip_special_tokens=False,
+        stop=["<|im_end|>"],
+        request_id="m",
+    )
     got = drive(engine, [(0, paris), (0, marker)])
     assert got["p"].text == "The capital of France is Paris."
     assert got["p"].finish.reason is FinishReason.STOP_SEQUENCE
@@ -97,6 +108,7 @@ def test_eos_ends_a_chat_answer(engine: Engine) -> None:
 def test_cancel_through_the_async_api_frees_the_row(engine: Engine) -> None:
     engine.start()
     try:
+
         async def scenario() -> tuple[Collected, Collected]:
             long = chat(QUESTIONS[2], max_new_tokens=200, ignore_eos=True, request_id="long")
             short = chat(QUESTIONS[1], max_new_tokens=12, ignore_eos=True, request_id="short")

@@ -36,11 +36,18 @@ def test_greedy_batched_equals_generate_alone(tiny: LoadedModel) -> None:
         prompt = random_prompt(rng, rng.randint(1, 60))
         budget = rng.randint(1, 40)
         arrival = rng.randint(0, 30)
-        requests.append((arrival, GenerationRequest(
-            prompt_token_ids=prompt, max_new_tokens=budget, request_id=f"r{i}"
-        )))
+        requests.append(
+            (
+                arrival,
+                GenerationRequest(
+                    prompt_token_ids=prompt, max_new_tokens=budget, request_id=f"r{i}"
+                ),
+            )
+        )
     expected = {
-        g.request_id: reference_greedy(tiny.model, g.prompt_token_ids or [], g.max_new_tokens or 0, 2)
+        g.request_id: reference_greedy(
+            tiny.model, g.prompt_token_ids or [], g.max_new_tokens or 0, 2
+        )
         for _, g in requests
     }
     engine = tiny_engine(tiny)  # 8 rows for 28 requests: rows are freed and reused
@@ -55,12 +62,17 @@ def test_greedy_batched_equals_generate_alone(tiny: LoadedModel) -> None:
 def test_async_api_matches_step_driver(tiny: LoadedModel) -> None:
     rng = random.Random(1)
     gens = [
-        GenerationRequest(prompt_token_ids=random_prompt(rng, 5 + i), max_new_tokens=6 + i,
-                          request_id=f"a{i}")
+        GenerationRequest(
+            prompt_token_ids=random_prompt(rng, 5 + i), max_new_tokens=6 + i, request_id=f"a{i}"
+        )
         for i in range(10)
     ]
-    want = {g.request_id: reference_greedy(tiny.model, g.prompt_token_ids or [], g.max_new_tokens or 0, 2)
-            for g in gens}
+    want = {
+        g.request_id: reference_greedy(
+            tiny.model, g.prompt_token_ids or [], g.max_new_tokens or 0, 2
+        )
+        for g in gens
+    }
     engine = tiny_engine(tiny, max_batch_rows=4)
     engine.start()
     try:
@@ -75,8 +87,14 @@ def test_async_api_matches_step_driver(tiny: LoadedModel) -> None:
 
 def seeded(prompt: list[int], rid: str, seed: int | None = 1234) -> GenerationRequest:
     return GenerationRequest(
-        prompt_token_ids=prompt, max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=50,
-        seed=seed, request_id=rid, ignore_eos=True,
+        prompt_token_ids=prompt,
+        max_new_tokens=24,
+        temperature=0.9,
+        top_p=0.95,
+        top_k=50,
+        seed=seed,
+        request_id=rid,
+        ignore_eos=True,
     )
 
 
@@ -105,14 +123,27 @@ def test_seeded_sample_is_the_same_alone_and_in_a_busy_batch(tiny: LoadedModel) 
 
 def test_cancel_frees_the_row_and_the_others_are_unaffected(tiny: LoadedModel) -> None:
     rng = random.Random(3)
-    gens = [GenerationRequest(prompt_token_ids=random_prompt(rng, 8), max_new_tokens=40,
-                              request_id=f"c{i}", ignore_eos=True) for i in range(3)]
-    want = {g.request_id: reference_greedy(tiny.model, g.prompt_token_ids or [], 40, -1) for g in gens}
+    gens = [
+        GenerationRequest(
+            prompt_token_ids=random_prompt(rng, 8),
+            max_new_tokens=40,
+            request_id=f"c{i}",
+            ignore_eos=True,
+        )
+        for i in range(3)
+    ]
+    want = {
+        g.request_id: reference_greedy(tiny.model, g.prompt_token_ids or [], 40, None) for g in gens
+    }
     engine = tiny_engine(tiny, max_batch_rows=2)
     got: dict[str, Collected] = {}
     for g in gens:
         assert g.request_id is not None
-        engine.scheduler.add(engine.factory.build(g, g.request_id, got.setdefault(g.request_id, Collected()).events.extend))
+        engine.scheduler.add(
+            engine.factory.build(
+                g, g.request_id, got.setdefault(g.request_id, Collected()).events.extend
+            )
+        )
     rows_seen = []
     for step in range(200):
         if step == 5:
@@ -192,22 +223,34 @@ def test_a_failing_plugin_ends_only_its_request(tiny: LoadedModel) -> None:
     plugins.register("explode", Exploding())
     engine = Engine(tiny, EngineConfig(max_batch_rows=4, max_seq_len=128), plugins)
     rng = random.Random(4)
-    good = GenerationRequest(prompt_token_ids=random_prompt(rng, 6), max_new_tokens=10,
-                             request_id="good", ignore_eos=True)
-    bad = GenerationRequest(prompt_token_ids=random_prompt(rng, 6), max_new_tokens=10,
-                            request_id="bad", plugins=[PluginRequest("explode")])
+    good = GenerationRequest(
+        prompt_token_ids=random_prompt(rng, 6),
+        max_new_tokens=10,
+        request_id="good",
+        ignore_eos=True,
+    )
+    bad = GenerationRequest(
+        prompt_token_ids=random_prompt(rng, 6),
+        max_new_tokens=10,
+        request_id="bad",
+        plugins=[PluginRequest("explode")],
+    )
     got = drive(engine, [(0, good), (2, bad)])
     assert got["bad"].finish.reason is FinishReason.ERROR
     assert "kaboom" in (got["bad"].finish.message or "")
     assert got["good"].finish.reason is FinishReason.LENGTH
-    assert got["good"].tokens == reference_greedy(tiny.model, good.prompt_token_ids or [], 10, -1)
+    assert got["good"].tokens == reference_greedy(tiny.model, good.prompt_token_ids or [], 10, None)
 
 
 def test_confidence_stop_plugin_ends_with_stop_criterion(tiny: LoadedModel) -> None:
     engine = tiny_engine(tiny)
     gen = GenerationRequest(
-        prompt_token_ids=[100, 200, 300], max_new_tokens=30, temperature=1.0, seed=7,
-        request_id="c", ignore_eos=True,
+        prompt_token_ids=[100, 200, 300],
+        max_new_tokens=30,
+        temperature=1.0,
+        seed=7,
+        request_id="c",
+        ignore_eos=True,
         plugins=[PluginRequest("confidence_stop", {"threshold": 0.999, "window": 2})],
     )
     got = drive(engine, [(0, gen)])["c"]
@@ -218,8 +261,9 @@ def test_confidence_stop_plugin_ends_with_stop_criterion(tiny: LoadedModel) -> N
 def test_logprobs_match_the_model(tiny: LoadedModel) -> None:
     prompt = [11, 22, 33, 44]
     engine = tiny_engine(tiny)
-    gen = GenerationRequest(prompt_token_ids=prompt, max_new_tokens=3, logprobs=True,
-                            top_logprobs=3, request_id="l")
+    gen = GenerationRequest(
+        prompt_token_ids=prompt, max_new_tokens=3, logprobs=True, top_logprobs=3, request_id="l"
+    )
     got = drive(engine, [(0, gen)])["l"]
     from conftest import standard_attention
 
@@ -245,10 +289,35 @@ def test_step_stats_are_observed(tiny: LoadedModel) -> None:
     try:
         import asyncio
 
-        got = asyncio.run(collect(engine, GenerationRequest(prompt="hello", max_new_tokens=5,
-                                                            ignore_eos=True)))
+        got = asyncio.run(
+            collect(engine, GenerationRequest(prompt="hello", max_new_tokens=5, ignore_eos=True))
+        )
     finally:
         engine.stop()
     assert got.finish.usage.generated_tokens == 5
     assert sum(s.generated_tokens for s in seen) == 5
     assert all(s.forward_s <= s.step_s for s in seen)
+
+
+def test_prefix_cache_hits_give_the_same_tokens(tiny: LoadedModel) -> None:
+    rng = random.Random(5)
+    shared = random_prompt(rng, 30)
+    prompts = [shared + random_prompt(rng, rng.randint(1, 12)) for _ in range(8)]
+    prompts.append(list(shared))  # a prompt equal to a cached prefix: one token left to prefill
+    prompts.append(prompts[0])  # the same prompt again
+    arrivals = [
+        (
+            i * 3,
+            GenerationRequest(
+                prompt_token_ids=p, max_new_tokens=8, request_id=f"p{i}", ignore_eos=True
+            ),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    engine = tiny_engine(tiny, max_batch_rows=3, prefix_cache_rows=2)
+    got = drive(engine, arrivals)
+    cached = [got[f"p{i}"].finish.usage.cached_prompt_tokens for i in range(len(prompts))]
+    assert cached[0] == 0 and all(c >= 30 for c in cached[1:-2])
+    assert cached[-2] == 29 and cached[-1] == len(prompts[0]) - 1
+    for i, p in enumerate(prompts):
+        assert got[f"p{i}"].tokens == reference_greedy(tiny.model, p, 8, None), i

@@ -292,3 +292,31 @@ def test_usage_timings(h: Harness) -> None:
     assert usage.queue_s == pytest.approx(0.0)
     assert usage.time_to_first_token_s == pytest.approx(0.0)
     assert usage.total_s == pytest.approx(0.02)
+
+
+def test_prefix_cache_copies_the_shared_prefix_into_the_new_row(tokenizer: Any) -> None:
+    h = Harness(
+        tokenizer,
+        max_rows=2,
+        max_seq_len=64,
+        prefill_token_budget=100,
+        prefix_cache_rows=1,
+        prefix_min_tokens=4,
+    )
+    first = h.add("a", [5, 5], prompt_len=10, max_new=2)
+    plan = h.step()
+    assert plan.moves == [] and plan.prefill[0].start == 0
+    second = h.add("b", [6, 6], prompt_len=12, max_new=2)  # shares 10 tokens with a
+    second.prompt_ids[10:] = [7, 8]
+    second.token_ids[10:] = [7, 8]
+    plan = h.step()
+    spare = 2  # the first row after the two batch rows
+    # a's prompt was saved into the spare row at the start of this step, then b copied 10 of it
+    assert [(m.src, m.dst, m.length) for m in plan.moves] == [(0, spare, 10), (spare, 1, 10)]
+    (pre,) = plan.prefill
+    assert pre.key == "b" and pre.start == 10 and list(pre.input_ids) == [7, 8]
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("b").usage.cached_prompt_tokens == 10
+    assert h.finish("a").usage.cached_prompt_tokens == 0
+    assert first.prompt_ids == list(range(100, 110))

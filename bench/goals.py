@@ -1,0 +1,42 @@
+"""The project's stated W1 goals, checked against a run's figures."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    text: str  # as a reader states it
+    figure: str  # a key of the figures the goal is checked against
+    compare: Callable[[float, float], bool]
+    target: float
+
+
+W1_GOALS = (
+    Goal("treadle >= 3x transformers_cb", "treadle/transformers_cb", operator.ge, 3.0),
+    Goal("treadle >= 0.75x ceiling", "treadle/ceiling", operator.ge, 0.75),
+    Goal("scheduler share of step time < 10%", "scheduler_share", operator.lt, 0.10),
+)
+
+
+def check_goals(
+    figures: dict[str, float], goals: tuple[Goal, ...] = W1_GOALS
+) -> list[dict[str, Any]]:
+    """Each goal with its measured value and whether it is met (None: not measured)."""
+    checked = []
+    for goal in goals:
+        value = figures.get(goal.figure)
+        checked.append(
+            {
+                "goal": goal.text,
+                "figure": goal.figure,
+                "target": goal.target,
+                "value": None if value is None else round(value, 4),
+                "met": None if value is None else bool(goal.compare(value, goal.target)),
+            }
+        )
+    return checked

@@ -1,0 +1,120 @@
+"""The W1 report: every figure as JSON, a short markdown table, written to the results folder."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .goals import check_goals
+from .run_result import RunResult
+
+SUBJECT = "treadle"
+
+
+def ratios(results: dict[str, RunResult], subject: str = SUBJECT) -> dict[str, float]:
+    """`subject`'s tokens/sec over each other run's, keyed "subject/other"."""
+    if subject not in results:
+        return {}
+    mine = results[subject].tokens_per_s
+    return {
+        f"{subject}/{name}": mine / r.tokens_per_s
+        for name, r in results.items()
+        if name != subject and r.tokens_per_s > 0
+    }
+
+
+def build_report(
+    results: dict[str, RunResult],
+    *,
+    started: datetime,
+    command: list[str],
+    model: str,
+    workload: dict[str, Any],
+    settings: dict[str, Any],
+    environment: dict[str, Any],
+) -> dict[str, Any]:
+    """The whole JSON document of one W1 run (runs in the order they ran)."""
+    rates = ratios(results)
+    figures = dict(rates)
+    if SUBJECT in results:
+        figures["scheduler_share"] = results[SUBJECT].details["scheduler_share"]
+    return {
+        "benchmark": "W1",
+        "date_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "model": model,
+        "workload": workload,
+        "settings": settings,
+        "environment": environment,
+        "runs": {name: r.as_dict() for name, r in results.items()},
+        "ratios": {k: round(v, 4) for k, v in rates.items()},
+        "goals": check_goals(figures),
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short human-readable summary of `report`."""
+    env, wl, runs = report["environment"], report["workload"], report["runs"]
+    lines = [
+        f"# W1, {report['date_utc']}",
+        "",
+        f"{report['model']}; {wl['requests']} requests, {wl['useful_tokens']:,} useful tokens; "
+        f"{env['cpu_model']}, {env['torch_threads']} torch threads; "
+        f"torch {env['torch']}, transformers {env['transformers']}",
+        "",
+        "| run | requests | useful tokens | wall s | tok/s | treadle / run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, run in runs.items():
+        ratio = report["ratios"].get(f"{SUBJECT}/{name}")
+        lines.append(
+            f"| {name} | {run['requests']} | {run['useful_tokens']:,} | {run['wall_s']:.1f} "
+            f"| {run['tokens_per_s']:.1f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+        )
+    lines += ["", *_treadle_lines(runs.get(SUBJECT)), *_ceiling_lines(runs.get("ceiling"))]
+    lines += ["", "Goals:", ""]
+    for g in report["goals"]:
+        mark = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        lines.append(
+            f"- {g['goal']}: {mark}" + ("" if g["value"] is None else f" ({g['value']:.3f})")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _treadle_lines(run: dict[str, Any] | None) -> list[str]:
+    if run is None:
+        return []
+    return [
+        f"treadle: {run['steps']:,} steps, mean decode batch {run['mean_decode_batch']}, "
+        f"scheduler share {100 * run['scheduler_share']:.1f}% of step time; "
+        f"TTFT p50/p99 {run['ttft_s'].get('p50')}/{run['ttft_s'].get('p99')} s, "
+        f"e2e p50/p99 {run['e2e_s'].get('p50')}/{run['e2e_s'].get('p99')} s",
+    ]
+
+
+def _ceiling_lines(run: dict[str, Any] | None) -> list[str]:
+    if run is None:
+        return []
+    return [
+        "",
+        f"ceiling: bare decode forward at batch {run['batch_size']}, KV length "
+        f"{run['mean_kv_len']:.1f} on average over {run['timed_steps']} steps "
+        f"(workload's token-weighted mean decode context {run['target_context']})",
+    ]
+
+
+def write_report(report: dict[str, Any], out_dir: Path, started: datetime) -> list[Path]:
+    """Write `w1-<UTC stamp>.json/.md` and overwrite `w1-latest.json/.md`; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(report, indent=1) + "\n"
+    markdown = render_markdown(report)
+    paths = []
+    for stem in (f"w1-{stamp}", "w1-latest"):
+        for suffix, content in ((".json", text), (".md", markdown)):
+            path = out_dir / f"{stem}{suffix}"
+            path.write_text(content)
+            paths.append(path)
+    return paths

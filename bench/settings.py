@@ -1,0 +1,51 @@
+"""Every knob of a W1 run; the defaults are the standard workload of DESIGN.md section 6."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from treadle.scheduler.engine import EngineConfig
+
+RUN_KEYS = ("treadle", "generate_single", "generate_static", "transformers_cb", "ceiling")
+
+
+@dataclass(frozen=True)
+class W1Settings:
+    requests: int | None = None  # first N requests of the workload; None: all
+    skip: frozenset[str] = frozenset()  # run keys (RUN_KEYS) not to run
+    warmup: bool = True  # one short untimed call before each timed run
+    # treadle
+    clients: int = 64  # closed-loop clients
+    max_batch_rows: int = 64
+    max_seq_len: int = 256  # KV positions per row; W1 needs at most 55 + 128
+    prefill_token_budget: int = 512
+    # peers
+    single_requests: int = 16  # generate_single runs the first N requests
+    static_batch: int = 64  # rows of a generate_static batch
+    cb_num_blocks: int | None = None  # transformers_cb paged-cache blocks; None: its default
+    cb_max_batch_tokens: int | None = None  # transformers_cb tokens per step; None: its default
+    # ceiling
+    ceiling_batch: int = 64
+    ceiling_steps: int = 10
+    ceiling_warmup: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = self.skip - set(RUN_KEYS)
+        if unknown:
+            raise ValueError(f"skip: unknown runs {sorted(unknown)}; choose from {RUN_KEYS}")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_rows=self.max_batch_rows,
+            max_seq_len=self.max_seq_len,
+            prefill_token_budget=self.prefill_token_budget,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: these settings and the full engine config they give."""
+        out = dataclasses.asdict(self)
+        out["skip"] = sorted(self.skip)
+        out["engine"] = dataclasses.asdict(self.engine_config())
+        return out

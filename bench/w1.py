@@ -1,0 +1,229 @@
+"""W1 "saturation": treadle and its peers side by side, in one process, on one loaded model.
+
+    python bench/w1.py [--requests N] [--out bench/results] [--skip RUN ...] [--model SPEC]
+
+Progress goes to stderr; the markdown summary to stdout; every figure to
+`<out>/w1-<UTC stamp>.json` and `.md` (and `w1-latest.*`), rewritten after
+each run so a failure late in a long run keeps what was measured. See
+bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench.ceiling import run_ceiling
+from bench.environment import environment
+from bench.hf_cb import run_transformers_cb
+from bench.hf_generate import run_generate_single, run_generate_static
+from bench.progress import Progress
+from bench.report import build_report, render_markdown, write_report
+from bench.run_result import RunResult
+from bench.settings import RUN_KEYS, W1Settings
+from bench.treadle_run import run_treadle
+from bench.workload import Workload, default_workload_path, load_workload
+from treadle.worker.loader import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+Runner = Callable[[LoadedModel, Workload, W1Settings, Progress], RunResult]
+
+
+def _treadle(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
+    return run_treadle(loaded, wl, s.engine_config(), p, clients=s.clients, warmup=s.warmup)
+
+
+def _single(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
+    head = wl.head(s.single_requests)
+    return run_generate_single(loaded.model, loaded.tokenizer, head, p, warmup=s.warmup)
+
+
+def _static(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
+    return run_generate_static(
+        loaded.model, loaded.tokenizer, wl, p, batch_size=s.static_batch, warmup=s.warmup
+    )
+
+
+def _cb(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
+    return run_transformers_cb(
+        loaded.model,
+        loaded.tokenizer,
+        wl,
+        p,
+        num_blocks=s.cb_num_blocks,
+        max_batch_tokens=s.cb_max_batch_tokens,
+    )
+
+
+def _ceiling(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
+    return run_ceiling(
+        loaded.model,
+        wl.mean_decode_context,
+        batch_size=s.ceiling_batch,
+        timed_steps=s.ceiling_steps,
+        warmup_steps=s.ceiling_warmup,
+    )
+
+
+# In the order they run. treadle first: the peers switch the model to sdpa and back.
+RUNNERS: tuple[tuple[str, Runner], ...] = (
+    ("treadle", _treadle),
+    ("generate_single", _single),
+    ("generate_static", _static),
+    ("transformers_cb", _cb),
+    ("ceiling", _ceiling),
+)
+
+
+def run_w1(
+    loaded: LoadedModel,
+    workload: Workload,
+    settings: W1Settings,
+    progress: Progress,
+    on_result: Callable[[dict[str, RunResult]], None] | None = None,
+) -> dict[str, RunResult]:
+    """Run every run not skipped, in RUNNERS order; return the results by run name.
+
+    `on_result` is called with the results so far after each run.
+    """
+    results: dict[str, RunResult] = {}
+    for key, runner in RUNNERS:
+        if key in settings.skip:
+            continue
+        progress.say(f"{key}: start")
+        result = runner(loaded, workload, settings, progress)
+        results[result.name] = result
+        progress.say(
+            f"{result.name}: done, {result.useful_tokens:,} tokens in {result.wall_s:.1f} s, "
+            f"{result.tokens_per_s:.1f} tok/s"
+        )
+        if on_result is not None:
+            on_result(results)
+    return results
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = W1Settings()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument("--requests", type=int, default=None, help="first N requests; None: all")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
+    ap.add_argument(
+        "--skip",
+        nargs="+",
+        choices=RUN_KEYS,
+        default=[],
+        metavar="RUN",
+        help=f"runs to leave out: {', '.join(RUN_KEYS)}",
+    )
+    ap.add_argument("--model", default=None, help="load_model spec; None: the embedded SmolLM2")
+    ap.add_argument("--device", default=None, help="None: cuda if available, else cpu")
+    ap.add_argument(
+        "--workload", type=Path, default=default_workload_path(REPO), help="the W1 requests"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads; None: torch's own"
+    )
+    ap.add_argument(
+        "--no-warmup", action="store_true", help="skip the untimed warmup call before each run"
+    )
+    ap.add_argument(
+        "--progress-interval", type=float, default=10.0, help="seconds between token counts"
+    )
+    ap.add_argument("--clients", type=int, default=d.clients, help="treadle's closed-loop clients")
+    ap.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows, help="engine KV rows")
+    ap.add_argument(
+        "--max-seq-len", type=int, default=d.max_seq_len, help="engine KV positions per row"
+    )
+    ap.add_argument(
+        "--prefill-token-budget", type=int, default=d.prefill_token_budget, help="engine setting"
+    )
+    ap.add_argument(
+        "--single-requests", type=int, default=d.single_requests, help="generate_single's first N"
+    )
+    ap.add_argument(
+        "--static-batch", type=int, default=d.static_batch, help="generate_static's batch rows"
+    )
+    ap.add_argument("--cb-num-blocks", type=int, default=None, help="None: transformers'")
+    ap.add_argument(
+        "--cb-max-batch-tokens", type=int, default=None, help="None: transformers' default"
+    )
+    ap.add_argument("--ceiling-batch", type=int, default=d.ceiling_batch, help="rows")
+    ap.add_argument("--ceiling-steps", type=int, default=d.ceiling_steps, help="timed steps")
+    ap.add_argument("--ceiling-warmup", type=int, default=d.ceiling_warmup, help="untimed steps")
+    return ap.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> W1Settings:
+    return W1Settings(
+        requests=args.requests,
+        skip=frozenset(args.skip),
+        warmup=not args.no_warmup,
+        clients=args.clients,
+        max_batch_rows=args.max_batch_rows,
+        max_seq_len=args.max_seq_len,
+        prefill_token_budget=args.prefill_token_budget,
+        single_requests=args.single_requests,
+        static_batch=args.static_batch,
+        cb_num_blocks=args.cb_num_blocks,
+        cb_max_batch_tokens=args.cb_max_batch_tokens,
+        ceiling_batch=args.ceiling_batch,
+        ceiling_steps=args.ceiling_steps,
+        ceiling_warmup=args.ceiling_warmup,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the model and workload, run W1, write and print the report."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = settings_from(args)
+    started = datetime.now(timezone.utc)
+    progress = Progress(interval_s=args.progress_interval)
+    loaded = load_model(args.model, device=args.device)
+    workload = load_workload(args.workload, loaded.tokenizer, settings.requests)
+    progress.say(
+        f"{loaded.name} on {loaded.device}; {len(workload.items)} requests, "
+        f"{workload.useful_tokens:,} useful tokens"
+    )
+    context = {
+        "started": started,
+        "command": [sys.executable, *sys.argv],
+        "model": loaded.name,
+        "workload": workload.summary(),
+        "settings": {
+            **settings.as_dict(),
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype),
+        },
+        "environment": environment(),
+    }
+
+    def save(results: dict[str, RunResult]) -> None:
+        write_report(build_report(results, **context), args.out, started)
+
+    results = run_w1(loaded, workload, settings, progress, on_result=save)
+    report = build_report(results, **context)
+    paths = write_report(report, args.out, started)
+    progress.say(f"results: {', '.join(str(p) for p in paths)}")
+    print(render_markdown(report), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

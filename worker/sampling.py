@@ -1,0 +1,180 @@
+"""Choosing each row's next token, and the log-probabilities the requests asked for.
+
+Greedy rows (temperature 0) take the argmax of their processed scores.
+Sampling rows draw from softmax(scores) by inverting the cumulative
+distribution with one uniform number per row: a row with its own seed
+draws that number from a generator seeded with (seed, tokens generated so
+far), so its tokens do not depend on anything else in the batch; the other
+sampling rows share the sampler's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .plan import RowInput, TokenLogprobs
+
+_MASK64 = (1 << 64) - 1
+_BLOCK = 1024  # tokens per block when inverting the cumulative distribution
+
+
+@dataclass(slots=True)
+class Choice:
+    """The chosen tokens of a step."""
+
+    token_ids: torch.Tensor  # [N] long
+    logprobs: list[TokenLogprobs | None]  # per row; None unless rows[i].params.logprobs is set
+
+
+class Sampler:
+    """Picks one token per row from processed scores.
+
+    `seed` seeds the generator shared by sampling rows without a seed of
+    their own (None: a random seed). Seeded rows are reproducible whatever
+    else is in the batch. Logprobs (only for rows that ask) are the
+    log-softmax of the raw logits or, with `processed`, of the scores.
+    A sampling row whose scores leave no possible token (all -inf or NaN)
+    falls back to the argmax of its raw logits.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed & _MASK64)
+
+    def __call__(
+        self, raw_logits: torch.Tensor, scores: torch.Tensor, rows: Sequence[RowInput]
+    ) -> Choice:
+        """Choose a token for each row; `raw_logits` and `scores` are `[N, V]`."""
+        sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0.0]
+        if not sampled:
+            token_ids = scores.argmax(dim=1)  # [N] the common case: one argmax
+        else:
+            token_ids = torch.empty(len(rows), dtype=torch.long, device=scores.device)  # [N]
+            greedy = [i for i, r in enumerate(rows) if r.params.temperature <= 0.0]
+            if greedy:
+                index = torch.tensor(greedy, dtype=torch.long, device=scores.device)
+                token_ids[index] = scores.index_select(0, index).argmax(dim=1)
+            index = torch.tensor(sampled, dtype=torch.long, device=scores.device)
+            token_ids[index] = self._sample(raw_logits, scores, rows, sampled)
+        if any(r.params.logprobs is not None for r in rows):
+            return Choice(token_ids, token_logprobs(raw_logits, scores, token_ids, rows))
+        return Choice(token_ids, [None] * len(rows))
+
+    def _sample(
+        self,
+        raw_logits: torch.Tensor,
+        scores: torch.Tensor,
+        rows: Sequence[RowInput],
+        idx: list[int],
+    ) -> torch.Tensor:
+        """Draw a token for each row `idx` from softmax(scores) -> `[n]`."""
+        index = torch.tensor(idx, dtype=torch.long, device=scores.device)  # [n]
+        sub = scores if len(idx) == scores.shape[0] else scores.index_select(0, index)
+        probs = torch.softmax(sub.float(), dim=1)  # [n, V]
+        u = self._uniforms([rows[i] for i in idx]).to(scores.device)  # [n, 1] float64
+        chosen, total = _invert_cdf(probs, u)
+        impossible = ~(total > 0)  # [n] no finite score (or NaN)
+        if bool(impossible.any()):
+            fallback = raw_logits.index_select(0, index).argmax(dim=1)  # [n]
+            chosen = torch.where(impossible, fallback, chosen)
+        return chosen
+
+    def _uniforms(self, rows: Sequence[RowInput]) -> torch.Tensor:
+        """One uniform number in [0, 1) per row `[n, 1]`: its own for seeded rows,
+        one draw of the shared generator for the others."""
+        u = torch.empty(len(rows), 1, dtype=torch.float64)  # [n, 1]
+        unseeded = [j for j, r in enumerate(rows) if r.params.seed is None]
+        if unseeded:
+            u[unseeded] = torch.rand(
+                len(unseeded), 1, generator=self.generator, dtype=torch.float64
+            )
+        for j, r in enumerate(rows):
+            seed = r.params.seed
+            if seed is not None:
+                generator = torch.Generator().manual_seed(_step_seed(seed, r.num_generated))
+                u[j] = torch.rand(1, generator=generator, dtype=torch.float64)
+        return u
+
+
+def token_logprobs(
+    raw_logits: torch.Tensor,
+    scores: torch.Tensor,
+    token_ids: torch.Tensor,
+    rows: Sequence[RowInput],
+) -> list[TokenLogprobs | None]:
+    """Logprobs of the chosen `token_ids` `[N]` and the `top_n` most likely tokens,
+    for the rows that asked; from `raw_logits` or, with `processed`, `scores` `[N, V]`."""
+    out: list[TokenLogprobs | None] = [None] * len(rows)
+    for processed in (False, True):
+        idx = [
+            i
+            for i, r in enumerate(rows)
+            if r.params.logprobs is not None and r.params.logprobs.processed == processed
+        ]
+        if not idx:
+            continue
+        source = scores if processed else raw_logits
+        index = torch.tensor(idx, dtype=torch.long, device=source.device)  # [n]
+        logp = torch.log_softmax(source.index_select(0, index).float(), dim=1)  # [n, V]
+        chosen_ids = token_ids.index_select(0, index)  # [n]
+        chosen = logp.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()  # [n]
+        chosen_list = chosen_ids.tolist()
+        top_ns = [min(rows[i].params.logprobs.top_n, logp.shape[1]) for i in idx]  # type: ignore[union-attr]
+        top_values: list[list[float]] = [[] for _ in idx]
+        top_ids: list[list[int]] = [[] for _ in idx]
+        if max(top_ns) > 0:
+            top = torch.topk(logp, max(top_ns), dim=1)  # [n, k] most likely first
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        for j, i in enumerate(idx):
+            k = top_ns[j]
+            out[i] = TokenLogprobs(
+                token_id=chosen_list[j],
+                logprob=chosen[j],
+                top=tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)),
+            )
+    return out
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token where each row's cumulative `probs` `[n, V]` first exceeds `u * total`.
+
+    Two levels instead of a cumulative sum over the whole row: sums of
+    blocks of `_BLOCK` tokens pick the block, then one block is summed
+    token by token. Only tokens with a positive probability can be picked.
+    Returns the tokens `[n]` and the rows' total mass `[n]`.
+    """
+    n, vocab = probs.shape
+    full = vocab // _BLOCK * _BLOCK
+    block_mass = [probs[:, :full].reshape(n, -1, _BLOCK).sum(2)]  # [n, B]
+    if full < vocab:
+        block_mass.append(probs[:, full:].sum(1, keepdim=True))  # [n, 1] the short last block
+    block_cdf = torch.cat(block_mass, dim=1).cumsum(1, dtype=torch.float64)  # [n, B']
+    total = block_cdf[:, -1:]  # [n, 1]
+    target = torch.minimum(u * total, _below(total))  # [n, 1] strictly below the total
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # [n, 1]
+    cols = block * _BLOCK + torch.arange(_BLOCK, device=probs.device)  # [n, BLOCK]
+    in_vocab = cols < vocab
+    p = probs.gather(1, cols.clamp(max=vocab - 1)) * in_vocab  # [n, BLOCK]
+    cdf = p.cumsum(1, dtype=torch.float64)  # [n, BLOCK]
+    within = torch.minimum(target - before, _below(cdf[:, -1:]))  # [n, 1]
+    pos = torch.searchsorted(cdf, within, right=True).clamp_(max=_BLOCK - 1)  # [n, 1]
+    return cols.gather(1, pos).squeeze(1).clamp_(max=vocab - 1), total.squeeze(1)
+
+
+def _below(x: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(x, torch.zeros_like(x))
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """A 63-bit seed mixing a request's seed and its step (splitmix64 finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
