@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = settings_from(args)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     progress = Progress(interval_s=args.progress_interval)
     loaded = load_model(args.model, device=args.device)
     workload = load_workload(args.workload, loaded.tokenizer, settings.requests)

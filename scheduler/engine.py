@@ -31,12 +31,12 @@ from ..worker.plugins.base import PluginContext
 from ..worker.worker import Worker, WorkerConfig
 from .errors import DuplicateRequestError, EngineUnavailableError, QueueFullError
 from .event_stream import EventStream
-from .events import Event, FinishEvent, FinishReason
+from .events import SHUTTING_DOWN, Event, FinishEvent, FinishReason
 from .generation_request import GenerationRequest
 from .inputs import InputProcessor
 from .limits import RequestLimits
 from .request import EventSink, Request
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, StepTokens
 from .step_stats import StepStats
 from .validation import ModelLimits, RequestFactory
 
@@ -161,7 +161,7 @@ class Engine:
             return
         if grace > 0:
             self._idle.wait(grace)
-        self._inbox.put(_AbortAll("server shutting down"))
+        self._inbox.put(_AbortAll(SHUTTING_DOWN))
         self._wake.set()
         self._closing = True
         self._thread.join(timeout)
@@ -271,6 +271,7 @@ class Engine:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         forward_s = process_s = 0.0
+        tokens = StepTokens()
         if not plan.is_empty:
             try:
                 output = self.worker.execute(plan)
@@ -278,7 +279,7 @@ class Engine:
                 log.exception("step %d failed", plan.step)
                 self.scheduler.fail(plan, f"internal error: {type(exc).__name__}: {exc}")
             else:
-                self.scheduler.update(plan, output)
+                tokens = self.scheduler.update(plan, output)
                 forward_s, process_s = output.forward_s, output.process_s
         finished = self._dispatch()
         stats = StepStats(
@@ -291,6 +292,8 @@ class Engine:
             step_s=time.perf_counter() - started,
             running=self.scheduler.num_running,
             waiting=self.scheduler.num_waiting,
+            generated_tokens=tokens.count,
+            inter_token_s=tokens.inter_token_s,
             finished=finished,
         )
         for observe in self.step_observers:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from ..worker.plan import TokenLogprobs
 
+DEADLINE_EXCEEDED = "deadline exceeded"  # FinishEvent.message of a request past its deadline
+SHUTTING_DOWN = "server shutting down"  # FinishEvent.message of requests cancelled by shutdown
+
 
 class FinishReason(enum.Enum):
     """Why a request ended; every accepted request ends with exactly one."""

@@ -61,6 +61,7 @@ class Request:
         default=0, init=False
     )  # prompt tokens whose KV came from the prefix cache
     first_token_at: float | None = field(default=None, init=False)
+    last_token_at: float | None = field(default=None, init=False)
     cancel_reason: tuple[FinishReason, str | None] | None = field(default=None, init=False)
     matcher: StopStringMatcher = field(init=False)
 
@@ -129,6 +130,7 @@ class Request:
         self.token_ids.append(token)
         if self.first_token_at is None:
             self.first_token_at = now
+        self.last_token_at = now
         reason = self._token_stop_reason(token)
         drop_text = reason in (FinishReason.EOS, FinishReason.STOP_TOKEN) and not (
             self.stopping.include_stop_in_output

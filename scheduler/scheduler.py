@@ -30,10 +30,10 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..worker.plan import RowInput, RowMove, StepOutput, StepPlan
-from .events import Event, FinishReason
+from .events import DEADLINE_EXCEEDED, Event, FinishReason
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 from .row_table import RowTable
@@ -47,6 +47,19 @@ class SchedulerConfig:
     prefill_token_budget: int = 512  # prompt tokens admitted per step (soft, see above)
     prefix_cache_rows: int = 4  # spare KV rows (after max_rows) caching recent prompts; 0 = off
     prefix_min_tokens: int = 8  # shortest shared prefix worth copying
+
+
+@dataclass(slots=True)
+class StepTokens:
+    """The tokens one `update` accepted, for metrics."""
+
+    count: int = 0
+    inter_token_s: list[float] = field(default_factory=list)  # gaps since each row's last token
+
+    def add(self, req: Request, now: float) -> None:
+        self.count += 1
+        if req.last_token_at is not None:
+            self.inter_token_s.append(now - req.last_token_at)
 
 
 class Scheduler:
@@ -138,15 +151,17 @@ class Scheduler:
             plan.prefill.append(req.row_input())
         return plan
 
-    def update(self, plan: StepPlan, output: StepOutput) -> None:
+    def update(self, plan: StepPlan, output: StepOutput) -> StepTokens:
         """Apply the worker's output to the plan's requests; emit events; free finished rows."""
         now = self.clock()
         freed: list[int] = []
+        tokens = StepTokens()
         for row_in, out in zip(plan.rows, output.rows, strict=True):
             req = self._by_id[row_in.key]
             if out.error is not None:
                 events: list[Event] = [req.finish(FinishReason.ERROR, now, message=out.error)]
             else:
+                tokens.add(req, now)
                 events = req.accept(out, now)
             self._outbox.append((req, events))
             if req.is_finished:
@@ -157,6 +172,7 @@ class Scheduler:
             if save is not None:
                 self._pending_moves.append(save)
         self._free_rows(freed)
+        return tokens
 
     def fail(self, plan: StepPlan, message: str) -> None:
         """The whole step failed: end every request in it with an error, keep the rest."""
@@ -182,7 +198,7 @@ class Scheduler:
         while self._deadlines and self._deadlines[0][0] <= now:
             req = heapq.heappop(self._deadlines)[2]
             if not req.is_finished and req.cancel_reason is None:
-                req.cancel_reason = (FinishReason.CANCELLED, "deadline exceeded")
+                req.cancel_reason = (FinishReason.CANCELLED, DEADLINE_EXCEEDED)
                 self._to_cancel.append(req)
         freed: list[int] = []
         for req in self._to_cancel:

@@ -6,10 +6,12 @@ Importing this module is cheap (no torch); `run_serve` loads the server.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -57,6 +59,92 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="queued requests beyond which new ones are refused [TREADLE_MAX_WAITING]",
     )
     p.add_argument(
+        "--prefix-cache-rows",
+        type=int,
+        default=_env("TREADLE_PREFIX_CACHE_ROWS", 4, int),
+        help="spare KV rows caching recent prompts for prefix reuse; 0 = off "
+        "[TREADLE_PREFIX_CACHE_ROWS]",
+    )
+    p.add_argument(
+        "--host",
+        default=_env("TREADLE_HOST", "0.0.0.0"),
+        help="address to listen on [TREADLE_HOST]",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=_env("TREADLE_PORT", 50051, int),
+        help="gRPC port; 0 picks a free one [TREADLE_PORT]",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("TREADLE_METRICS_PORT", 9090, int),
+        help="Prometheus /metrics port; -1 = off, 0 picks a free one [TREADLE_METRICS_PORT]",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=_env("TREADLE_GRACE_PERIOD", 30.0, float),
+        help="seconds running requests get to finish on SIGTERM [TREADLE_GRACE_PERIOD]",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("TREADLE_TLS_CERT", None, Path),
+        help="server certificate (PEM); with --tls-key serves TLS [TREADLE_TLS_CERT]",
+    )
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_env("TREADLE_TLS_KEY", None, Path),
+        help="server private key (PEM) [TREADLE_TLS_KEY]",
+    )
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_env("TREADLE_TLS_CLIENT_CA", None, Path),
+        help="CA certificate (PEM) that client certificates must chain to: mutual TLS "
+        "[TREADLE_TLS_CLIENT_CA]",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=_env("TREADLE_AUTH_TOKEN_FILE", None, Path),
+        help="file holding the bearer token every call but health must carry; the token "
+        "itself may be given in TREADLE_AUTH_TOKEN instead [TREADLE_AUTH_TOKEN_FILE]",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=_env("TREADLE_MAX_REQUEST_BYTES", 4 * 2**20, int),
+        help="largest request message accepted [TREADLE_MAX_REQUEST_BYTES]",
+    )
+    p.add_argument(
+        "--default-max-new-tokens",
+        type=int,
+        default=_env("TREADLE_DEFAULT_MAX_NEW_TOKENS", 256, int),
+        help="max_new_tokens of requests that leave it unset [TREADLE_DEFAULT_MAX_NEW_TOKENS]",
+    )
+    p.add_argument(
+        "--max-stop-strings",
+        type=int,
+        default=_env("TREADLE_MAX_STOP_STRINGS", 16, int),
+        help="stop strings allowed per request [TREADLE_MAX_STOP_STRINGS]",
+    )
+    p.add_argument(
+        "--max-plugins",
+        type=int,
+        default=_env("TREADLE_MAX_PLUGINS", 8, int),
+        help="plugins allowed per request [TREADLE_MAX_PLUGINS]",
+    )
+    p.add_argument(
+        "--max-top-logprobs",
+        type=int,
+        default=_env("TREADLE_MAX_TOP_LOGPROBS", 20, int),
+        help="logprob alternatives allowed per token [TREADLE_MAX_TOP_LOGPROBS]",
+    )
+    p.add_argument(
         "--plugin",
         action="append",
         default=[s for s in _env("TREADLE_PLUGINS", "").split(",") if s],
@@ -78,7 +166,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the model and run the engine; returns the process exit code."""
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -93,6 +181,6 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from .demo import run_demo
+    from .serve_main import serve
 
-    return run_demo(args)
+    return asyncio.run(serve(args))

@@ -18,11 +18,9 @@ class StepStats:
     step_s: float  # seconds for the whole step: schedule, execute, update, dispatch
     running: int  # requests holding a row after the step
     waiting: int  # requests queued after the step
+    generated_tokens: int = 0  # tokens accepted this step (rows that failed produce none)
+    inter_token_s: list[float] = field(default_factory=list)  # per row: gap since its last token
     finished: list[FinishEvent] = field(default_factory=list)  # requests that ended this step
-
-    @property
-    def generated_tokens(self) -> int:
-        return self.decode_rows + self.prefill_rows
 
     @property
     def outside_forward_s(self) -> float:

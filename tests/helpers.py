@@ -12,6 +12,7 @@ import torch
 from treadle.scheduler.engine import Engine
 from treadle.scheduler.events import Event, FinishEvent, TokenEvent
 from treadle.scheduler.generation_request import GenerationRequest
+from treadle.worker.loader import LoadedModel
 
 
 @dataclass
@@ -83,8 +84,6 @@ def reference_greedy(
     """
     import copy
 
-    from conftest import standard_attention
-
     config = copy.deepcopy(model.generation_config)
     config.eos_token_id = eos
     config.pad_token_id = eos if eos is not None else 0
@@ -99,3 +98,52 @@ def reference_greedy(
     ids = out[0, len(prompt_ids) :].tolist()
     assert eos is not None or len(ids) == max_new_tokens
     return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
+
+
+def make_tiny_model(tokenizer: Any, seed: int = 0, layers: int = 2) -> LoadedModel:
+    """A tiny random llama over SmolLM2's vocabulary; seeded, so deterministic.
+
+    The large init spreads the logits so greedy choices are not near-ties.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+        initializer_range=0.5,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name="tiny-llama",
+        context_length=512,
+        eos_token_ids=(2,),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+class standard_attention:
+    """Run `model` with transformers' own sdpa attention inside the block (for references)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.saved = model.config._attn_implementation
+
+    def __enter__(self) -> Any:
+        self.model.set_attn_implementation("sdpa")
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.set_attn_implementation(self.saved)

@@ -16,6 +16,7 @@ echo "[tests] mypy" >&2
 tc="$root/.typecheck/treadle"
 mkdir -p "$tc"
 for pkg in scheduler worker client; do ln -sfn "$root/$pkg" "$tc/$pkg"; done
+ln -sfn "$root/proto/treadle/v1" "$tc/v1"
 MYPYPATH="$root/.typecheck" "$bin/mypy" -p treadle.scheduler -p treadle.worker -p treadle.client
 
 echo "[tests] pytest" >&2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ def test_w1_runs_every_peer_and_writes_the_report(
     assert tiny.model.config._attn_implementation == "treadle_slots"  # peers switched back
     assert "treadle: start" in log.getvalue()
 
-    started = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    started = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     report = build_report(
         results,
         started=started,

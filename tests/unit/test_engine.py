@@ -265,7 +265,7 @@ def test_logprobs_match_the_model(tiny: LoadedModel) -> None:
         prompt_token_ids=prompt, max_new_tokens=3, logprobs=True, top_logprobs=3, request_id="l"
     )
     got = drive(engine, [(0, gen)])["l"]
-    from conftest import standard_attention
+    from helpers import standard_attention
 
     ids = list(prompt)
     events = [e for e in got.events if hasattr(e, "logprobs")]

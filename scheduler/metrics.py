@@ -1,0 +1,153 @@
+"""Prometheus metrics of one server (prefix `treadle_`, unit suffixes, own registry).
+
+Gauges that describe the engine's state are read at scrape time; the rest is
+fed from the engine's step observer (on the step thread; prometheus-client
+is thread-safe) and from the frontend's error handling.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .engine import Engine
+from .step_stats import StepStats
+
+# Explicit buckets, in seconds (or rows), sized for CPU and GPU serving alike.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
+
+_RATE_WINDOW_S = 10.0  # tokens/sec gauge: tokens generated over this many seconds
+
+
+class ServerMetrics:
+    """Every metric the server exports, in one `CollectorRegistry`."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = CollectorRegistry()
+        Gauge("treadle_model_info", "The served model.", ["model"], registry=r).labels(
+            model=model_name
+        ).set(1)
+        self.queue_depth = Gauge("treadle_queue_depth", "Requests waiting for a row.", registry=r)
+        self.running = Gauge("treadle_running_requests", "Requests holding a KV row.", registry=r)
+        self.kv_rows = Gauge("treadle_kv_rows", "KV rows for running requests.", registry=r)
+        self.kv_usage = Gauge(
+            "treadle_kv_usage_ratio", "Share of KV rows held by running requests.", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "treadle_prompt_tokens", "Prompt tokens of finished requests.", registry=r
+        )
+        self.generated_tokens = Counter("treadle_generated_tokens", "Tokens generated.", registry=r)
+        self.tokens_per_second = Gauge(
+            "treadle_generated_tokens_per_second",
+            f"Tokens generated per second over the last {_RATE_WINDOW_S:.0f} s.",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "treadle_time_to_first_token_seconds",
+            "Arrival to first token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "treadle_inter_token_latency_seconds",
+            "Gap between consecutive tokens of a request.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "treadle_queue_time_seconds",
+            "Arrival to admission into the batch.",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "treadle_request_latency_seconds",
+            "Arrival to the terminal event.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "treadle_batch_size_rows", "Rows in a step.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_time = Histogram(
+            "treadle_step_duration_seconds",
+            "Duration of a whole step.",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.forward_time = Histogram(
+            "treadle_forward_duration_seconds",
+            "Duration of the model forward of a step.",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.finished = Counter(
+            "treadle_requests_finished", "Requests ended, by reason.", ["reason"], registry=r
+        )
+        self.errors = Counter(
+            "treadle_errors",
+            "Requests refused or failed, by gRPC status code.",
+            ["code"],
+            registry=r,
+        )
+        self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self.tokens_per_second.set_function(self._rate)
+
+    def attach(self, engine: Engine) -> None:
+        """Follow `engine`: state gauges read it at scrape time, steps feed the rest."""
+        self.queue_depth.set_function(lambda: engine.num_waiting)
+        self.running.set_function(lambda: engine.scheduler.num_running)
+        self.kv_rows.set(engine.scheduler.config.max_rows)
+        self.kv_usage.set_function(
+            lambda: engine.scheduler.num_running / engine.scheduler.config.max_rows
+        )
+        engine.step_observers.append(self.observe_step)
+
+    def observe_step(self, stats: StepStats) -> None:
+        """Feed one step's figures (called on the engine's step thread)."""
+        self.generated_tokens.inc(stats.generated_tokens)
+        self._observe_rate(stats.generated_tokens)
+        rows = stats.decode_rows + stats.prefill_rows
+        if rows:
+            self.batch_size.observe(rows)
+            self.step_time.observe(stats.step_s)
+            self.forward_time.observe(stats.forward_s)
+        for gap in stats.inter_token_s:
+            self.itl.observe(gap)
+        for event in stats.finished:
+            usage = event.usage
+            self.finished.labels(reason=event.reason.value).inc()
+            self.prompt_tokens.inc(usage.prompt_tokens)
+            self.e2e.observe(usage.total_s)
+            if usage.time_to_first_token_s is not None:
+                self.ttft.observe(usage.time_to_first_token_s)
+                self.queue_time.observe(usage.queue_s)
+
+    def count_error(self, code_name: str) -> None:
+        """A request refused or failed with this status code (e.g. "INVALID_ARGUMENT")."""
+        self.errors.labels(code=code_name).inc()
+
+    def _observe_rate(self, tokens: int) -> None:
+        with self._lock:
+            self._window.append((time.monotonic(), tokens))
+
+    def _rate(self) -> float:
+        cutoff = time.monotonic() - _RATE_WINDOW_S
+        with self._lock:
+            while self._window and self._window[0][0] < cutoff:
+                self._window.popleft()
+            return sum(n for _, n in self._window) / _RATE_WINDOW_S
+
+    def describe(self) -> dict[str, Any]:
+        """Metric names, for documentation and tests."""
+        return {m.name: m.type for m in self.registry.collect()}

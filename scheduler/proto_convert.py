@@ -1,0 +1,132 @@
+"""Protobuf <-> engine dataclasses, at the edge only (nothing past the frontend sees protobuf)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treadle.v1 import treadle_pb2 as pb
+
+from ..worker.plan import TokenLogprobs
+from .errors import ValidationError
+from .events import FinishEvent, FinishReason, TokenEvent, Usage
+from .generation_request import ChatMessage, GenerationRequest, PluginRequest
+
+# The one table between the engine's finish reasons and the wire's.
+FINISH_REASONS: dict[FinishReason, pb.FinishReason.ValueType] = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
+    FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
+    FinishReason.STOP_CRITERION: pb.FINISH_REASON_STOP_CRITERION,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+
+
+def chat_from_proto(chat: pb.Chat) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, content=m.content) for m in chat.messages]
+
+
+def request_from_proto(msg: pb.GenerateRequest, deadline: float | None = None) -> GenerationRequest:
+    """The engine's view of a GenerateRequest; `deadline` is seconds left on the call.
+
+    Raises ValidationError for what only the wire format can get wrong
+    (plugin arguments that are not a JSON object); the engine checks the rest.
+    """
+    s, t, lp = msg.sampling, msg.stopping, msg.logprobs
+    input_kind = msg.WhichOneof("input")
+    return GenerationRequest(
+        prompt=msg.prompt if input_kind == "prompt" else None,
+        messages=chat_from_proto(msg.chat) if input_kind == "chat" else None,
+        prompt_token_ids=list(msg.token_ids.ids) if input_kind == "token_ids" else None,
+        max_new_tokens=t.max_new_tokens if t.HasField("max_new_tokens") else None,
+        min_new_tokens=t.min_new_tokens,
+        ignore_eos=t.ignore_eos,
+        stop=list(t.stop),
+        stop_token_ids=list(t.stop_token_ids),
+        include_stop_in_output=t.include_stop_in_output,
+        max_time=t.max_time_seconds if t.HasField("max_time_seconds") else None,
+        deadline=deadline,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        min_p=s.min_p,
+        typical_p=s.typical_p if s.HasField("typical_p") else 1.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        no_repeat_ngram_size=s.no_repeat_ngram_size,
+        bad_words=list(s.bad_words),
+        bad_words_ids=[list(b.ids) for b in s.bad_words_ids],
+        logit_bias=dict(s.logit_bias),
+        allowed_token_ids=list(s.allowed_token_ids),
+        seed=s.seed if s.HasField("seed") else None,
+        logprobs=lp.enabled,
+        top_logprobs=lp.top,
+        processed_logprobs=lp.processed,
+        skip_special_tokens=not msg.keep_special_tokens,
+        priority=msg.priority,
+        plugins=[_plugin(i, p) for i, p in enumerate(msg.plugins)],
+    )
+
+
+def _plugin(index: int, plugin: pb.Plugin) -> PluginRequest:
+    args: Any = {}
+    if plugin.args_json:
+        try:
+            args = json.loads(plugin.args_json)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"plugins[{index}].args_json", f"is not JSON: {exc}") from exc
+        if not isinstance(args, dict):
+            raise ValidationError(f"plugins[{index}].args_json", "must be a JSON object")
+    return PluginRequest(name=plugin.name, args=args)
+
+
+def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def chunk_to_proto(event: TokenEvent) -> pb.TokenChunk:
+    return pb.TokenChunk(
+        token_ids=event.token_ids,
+        text=event.text,
+        logprobs=[logprobs_to_proto(lp) for lp in event.logprobs],
+    )
+
+
+def usage_to_proto(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+        generated_tokens=usage.generated_tokens,
+        queue_seconds=usage.queue_s,
+        time_to_first_token_seconds=usage.time_to_first_token_s or 0.0,
+        total_seconds=usage.total_s,
+    )
+
+
+def finish_to_proto(event: FinishEvent, error_code: int) -> pb.Finish:
+    """The wire Finish; `error_code` is the status code number reported with an ERROR."""
+    finish = pb.Finish(
+        reason=FINISH_REASONS[event.reason],
+        stop_sequence=event.stop_sequence or "",
+        usage=usage_to_proto(event.usage),
+    )
+    if event.message is not None or event.reason is FinishReason.ERROR:
+        finish.error.CopyFrom(pb.Error(code=error_code, message=event.message or ""))
+    return finish
+
+
+def refused_finish(code: int, message: str) -> pb.Finish:
+    """The Finish of a request refused before it was queued (a Session reports it so)."""
+    return pb.Finish(
+        reason=pb.FINISH_REASON_ERROR,
+        usage=pb.Usage(),
+        error=pb.Error(code=code, message=message),
+    )

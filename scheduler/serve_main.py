@@ -1,0 +1,102 @@
+"""The body of `treadle serve`: start the server, load the model, serve until a signal, drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from ..worker.loader import DEFAULT_MODEL, ModelNotFoundError
+from ..worker.plugins import PluginRegistry, default_registry
+from ..worker.plugins.base import PluginArgumentError
+from .engine import Engine, EngineConfig
+from .limits import RequestLimits
+from .server import ServerConfig, ServerStartError, TreadleServer
+
+log = logging.getLogger("treadle.serve")
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Exit codes: 0 after a clean drain, 1 when the server or the model cannot start."""
+    try:
+        plugins = _plugins(args.plugin)
+        server_config = _server_config(args)
+    except (PluginArgumentError, ValueError, OSError) as exc:
+        print(f"treadle serve: {exc}", file=sys.stderr)
+        return 2
+    server = TreadleServer(server_config, args.model or DEFAULT_MODEL)
+    try:
+        await server.start()
+    except ServerStartError as exc:
+        print(f"treadle serve: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    loading = asyncio.ensure_future(asyncio.to_thread(Engine.load, _engine_config(args), plugins))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():  # asked to stop while loading: nothing runs yet
+        await server.drain()
+        return 0
+    try:
+        engine = loading.result()
+    except ModelNotFoundError as exc:
+        print(f"treadle serve: {exc}", file=sys.stderr)
+        await server.drain()
+        return 1
+    await server.serve(engine)
+    await stopping
+    log.info("signal received: draining for up to %.0f s", server_config.grace_period)
+    await server.drain()
+    return 0
+
+
+def _plugins(specs: list[str]) -> PluginRegistry:
+    registry = default_registry()
+    for spec in specs:
+        registry.load(spec)
+    return registry
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        max_batch_rows=args.max_batch_rows,
+        max_seq_len=args.max_seq_len,
+        prefill_token_budget=args.prefill_token_budget,
+        prefix_cache_rows=args.prefix_cache_rows,
+        max_waiting=args.max_waiting,
+        seed=args.seed,
+        limits=RequestLimits(
+            default_max_new_tokens=args.default_max_new_tokens,
+            max_stop_strings=args.max_stop_strings,
+            max_plugins=args.max_plugins,
+            max_top_logprobs=args.max_top_logprobs,
+        ),
+    )
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    token = os.environ.get("TREADLE_AUTH_TOKEN") or None
+    if args.auth_token_file is not None:
+        token = args.auth_token_file.read_text().strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {args.auth_token_file} is empty")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        grace_period=args.grace_period,
+        max_request_bytes=args.max_request_bytes,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token=token,
+    )

@@ -1,0 +1,101 @@
+"""Helpers for the end-to-end tests: a real grpc.aio server on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from treadle.scheduler.engine import Engine, EngineConfig
+from treadle.scheduler.server import ServerConfig, TreadleServer
+from treadle.scheduler.step_stats import StepStats
+from treadle.v1 import treadle_pb2 as pb
+from treadle.v1 import treadle_pb2_grpc as pb_grpc
+from treadle.worker.loader import LoadedModel
+
+
+@dataclass
+class Served:
+    server: TreadleServer
+    engine: Engine
+    channel: grpc.aio.Channel
+    stub: pb_grpc.GenerationStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def metrics(self) -> dict[str, float]:
+        """Scrape /metrics and parse it with prometheus-client's own parser."""
+        url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return values
+
+    async def until(self, condition: Callable[[StepStats], bool], timeout: float = 30) -> None:
+        """Wait (bounded) for a step after which `condition` holds."""
+        seen = threading.Event()
+
+        def observe(stats: StepStats) -> None:
+            if condition(stats):
+                seen.set()
+
+        self.engine.step_observers.append(observe)
+        try:
+            assert await asyncio.to_thread(seen.wait, timeout), "condition not reached"
+        finally:
+            self.engine.step_observers.remove(observe)
+
+
+async def start_served(
+    tiny: LoadedModel,
+    engine_config: EngineConfig | None = None,
+    server_config: ServerConfig | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Served:
+    server = TreadleServer(
+        server_config or ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period=5),
+        "tiny-llama",
+    )
+    await server.start()
+    engine = Engine(tiny, engine_config or EngineConfig(max_batch_rows=4, max_seq_len=256))
+    await server.serve(engine)
+    target = f"127.0.0.1:{server.port}"
+    channel = (
+        grpc.aio.secure_channel(
+            target, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+        )
+        if credentials
+        else grpc.aio.insecure_channel(target)
+    )
+    return Served(server, engine, channel, pb_grpc.GenerationStub(channel))
+
+
+def greedy(
+    prompt_ids: list[int], max_new: int, request_id: str = "", **kw: Any
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id,
+        token_ids=pb.TokenIds(ids=prompt_ids),
+        stopping=pb.StoppingParameters(max_new_tokens=max_new, ignore_eos=True),
+        **kw,
+    )
+
+
+async def read_rest(call: Any) -> list[Any]:
+    """The remaining messages of a streaming call already read with `read()`."""
+    messages = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        messages.append(message)
+    return messages

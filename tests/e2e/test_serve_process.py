@@ -1,0 +1,146 @@
+"""`treadle serve` as a process: it starts, becomes SERVING, and drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from e2e.served import greedy, read_rest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import make_tiny_model
+
+from treadle.v1 import treadle_pb2 as pb
+from treadle.v1 import treadle_pb2_grpc as pb_grpc
+
+PROMPT = [101, 2045, 3310, 77, 19]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, tokenizer: Any) -> Path:
+    loaded = make_tiny_model(tokenizer)
+    loaded.model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, int]:
+    """Start `treadle serve`; return it and its gRPC port, read from its log."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "treadle.client.cli",
+        "serve",
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(120):
+        while line := (await proc.stderr.readline()).decode():
+            if found := re.search(r"listening on [\d.]+:(\d+)", line):
+                return proc, int(found.group(1))
+    raise AssertionError("the server never said where it listens")
+
+
+async def wait_serving(channel: grpc.aio.Channel) -> None:
+    """Follow the health Watch stream until SERVING (no polling)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    async with asyncio.timeout(120):
+        async for update in health.Watch(health_pb2.HealthCheckRequest(service="")):
+            if update.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+
+
+async def test_sigterm_lets_requests_in_flight_finish_and_exits_0(tiny_model_dir: Path) -> None:
+    proc, port = await start_process(
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--host",
+        "127.0.0.1",
+        "--grace-period",
+        "60",
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await wait_serving(channel)
+            stub = pb_grpc.GenerationStub(channel)
+            calls = [stub.GenerateStream(greedy(PROMPT, 60)) for _ in range(3)]
+            for call in calls:
+                assert (await call.read()).HasField("token")  # all three are running
+            proc.send_signal(signal.SIGTERM)
+            for call in calls:
+                events = await read_rest(call)
+                assert events[-1].finish.reason == pb.FINISH_REASON_LENGTH
+                assert events[-1].finish.usage.generated_tokens == 60
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # draining: no new work
+                await stub.Generate(greedy(PROMPT, 2), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with asyncio.timeout(60):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_port_taken_and_missing_model_give_clear_errors(tmp_path: Path) -> None:
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        taken = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "treadle.client.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                "-1",
+                "--model",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        blocker.close()
+    assert taken.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "treadle.client.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--model",
+            str(tmp_path / "nowhere"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1
+    assert "neither a model folder nor a .gguf file" in missing.stderr
