@@ -13,7 +13,7 @@ from .events import FinishEvent, FinishReason, TokenEvent, Usage
 from .generation_request import ChatMessage, GenerationRequest, PluginRequest
 
 # The one table between the engine's finish reasons and the wire's.
-FINISH_REASONS: dict[FinishReason, pb.FinishReason.ValueType] = {
+FINISH_REASONS: dict[FinishReason, pb.FinishReason] = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
