@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+from ..client.limits import RequestLimits
 from ..worker.loader import LoadedModel, load_model
 from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.plugins.base import PluginContext
@@ -34,7 +35,6 @@ from .event_stream import EventStream
 from .events import SHUTTING_DOWN, Event, FinishEvent, FinishReason
 from .generation_request import GenerationRequest
 from .inputs import InputProcessor
-from .limits import RequestLimits
 from .request import EventSink, Request
 from .scheduler import Scheduler, SchedulerConfig, StepTokens
 from .step_stats import StepStats

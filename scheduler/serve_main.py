@@ -9,11 +9,11 @@ import os
 import signal
 import sys
 
+from ..client.limits import RequestLimits
 from ..worker.loader import DEFAULT_MODEL, ModelNotFoundError
 from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.plugins.base import PluginArgumentError
 from .engine import Engine, EngineConfig
-from .limits import RequestLimits
 from .server import ServerConfig, ServerStartError, TreadleServer
 
 log = logging.getLogger("treadle.serve")

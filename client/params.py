@@ -1,0 +1,63 @@
+"""Generation parameters: the same names, defaults and meaning on both sides of the wire.
+
+The SDK builds requests from these; the server's `GenerationRequest` extends
+`GenerationParams` with the input, so a field is declared once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # "system", "user", "assistant", ...
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class PluginRequest:
+    """A server-side plugin enabled for a request, with its JSON arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    """Everything about a request but its input; the defaults change nothing (greedy)."""
+
+    # stopping
+    max_new_tokens: int | None = None  # None: the server default, within the context
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)  # stop strings, matched across tokens
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_in_output: bool = False  # keep the matched stop string / token text
+    max_time: float | None = None  # seconds of generation before finishing with time_limit
+
+    # logits processing and choice
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    bad_words: list[str] = field(default_factory=list)  # text, tokenized server-side
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+    # output
+    logprobs: bool = False
+    top_logprobs: int = 0
+    processed_logprobs: bool = False  # logprobs after processors/warpers instead of raw
+    skip_special_tokens: bool = True
+
+    priority: int = 0  # larger is admitted first
+    plugins: list[PluginRequest] = field(default_factory=list)
