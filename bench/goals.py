@@ -1,4 +1,4 @@
-"""The project's stated W1 goals, checked against a run's figures."""
+"""The project's stated benchmark goals, checked against a run's figures."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ W1_GOALS = (
     Goal("treadle >= 0.75x ceiling", "treadle/ceiling", operator.ge, 0.75),
     Goal("scheduler share of step time < 10%", "scheduler_share", operator.lt, 0.10),
 )
+
+# The cost of the gRPC frontend: W1 through the server against the in-process engine.
+GRPC_GOALS = (Goal("W1 over gRPC >= 0.90x in-process", "w1_grpc/w1_inprocess", operator.ge, 0.90),)
 
 
 def check_goals(

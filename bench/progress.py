@@ -14,9 +14,12 @@ class Progress:
     Safe to call from several threads (the engine reports from its step thread).
     """
 
-    def __init__(self, stream: TextIO | None = None, interval_s: float = 10.0) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, interval_s: float = 10.0, label: str = "w1"
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.interval_s = interval_s
+        self.label = label  # the benchmark's name, at the start of every line
         self._started = time.perf_counter()
         self._last_tick: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -25,7 +28,7 @@ class Progress:
         """Write one line now."""
         elapsed = time.perf_counter() - self._started
         with self._lock:
-            print(f"[w1 {elapsed:8.1f}s] {message}", file=self.stream, flush=True)
+            print(f"[{self.label} {elapsed:8.1f}s] {message}", file=self.stream, flush=True)
 
     def tokens(self, run: str, done: int, total: int, since: float) -> None:
         """Report `done` of `total` tokens for `run` (started at perf_counter `since`), if due."""

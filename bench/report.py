@@ -107,12 +107,21 @@ def _ceiling_lines(run: dict[str, Any] | None) -> list[str]:
 
 def write_report(report: dict[str, Any], out_dir: Path, started: datetime) -> list[Path]:
     """Write `w1-<UTC stamp>.json/.md` and overwrite `w1-latest.json/.md`; return the paths."""
+    return write_documents("w1", report, render_markdown(report), out_dir, started)
+
+
+def write_documents(
+    prefix: str, report: dict[str, Any], markdown: str, out_dir: Path, started: datetime
+) -> list[Path]:
+    """Write `<prefix>-<UTC stamp>.json/.md` and overwrite `<prefix>-latest.json/.md`.
+
+    Returns the paths written, stamped ones first.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(report, indent=1) + "\n"
-    markdown = render_markdown(report)
     paths = []
-    for stem in (f"w1-{stamp}", "w1-latest"):
+    for stem in (f"{prefix}-{stamp}", f"{prefix}-latest"):
         for suffix, content in ((".json", text), (".md", markdown)):
             path = out_dir / f"{stem}{suffix}"
             path.write_text(content)

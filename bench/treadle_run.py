@@ -1,14 +1,17 @@
-"""treadle under W1: closed-loop clients on an in-process engine, with its step statistics."""
+"""treadle in-process: W1's closed-loop clients with step statistics; W2's open-loop clients.
+
+W1 here is the reference run (`run_treadle`). W2 in-process goes through the
+same streaming clients as the gRPC path (`streamed_runs`), with the engine as
+the stream (`engine_stream`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.events import FinishEvent, FinishReason, TokenEvent
@@ -18,6 +21,8 @@ from treadle.worker.loader import LoadedModel
 
 from .progress import Progress
 from .run_result import BenchmarkError, RunResult, check_count
+from .streamed_runs import run_open_loop
+from .traces import StreamFn, percentiles
 from .workload import WorkItem, Workload
 
 
@@ -81,6 +86,49 @@ def run_treadle(
     return RunResult("treadle", len(outcomes), produced, wall, details)
 
 
+def run_treadle_open_loop(
+    loaded: LoadedModel,
+    workload: Workload,
+    config: EngineConfig,
+    progress: Progress,
+    rate: float,
+    seed: int,
+    warmup: bool = True,
+) -> RunResult:
+    """W2 in-process: `run_open_loop` on a fresh engine ("w2_inprocess").
+
+    Raises BenchmarkError as `run_open_loop` does.
+    """
+    engine = Engine(loaded, config)
+    check_prompt_ids(engine, workload)
+    engine.start()
+    try:
+        if warmup:
+            asyncio.run(_one(engine, 0, _warmup_request(workload.items[0])))
+        stream = engine_stream(engine)
+        return asyncio.run(run_open_loop("w2_inprocess", stream, workload, rate, seed, progress))
+    finally:
+        engine.stop()
+
+
+def engine_stream(engine: Engine) -> StreamFn:
+    """A StreamFn over `Engine.generate`: yields the token count of each TokenEvent.
+
+    Raises BenchmarkError if the request ends other than by length.
+    """
+
+    async def stream(item: WorkItem) -> AsyncIterator[int]:
+        async for event in engine.generate(item.generation_request()):
+            if isinstance(event, TokenEvent):
+                yield len(event.token_ids)
+            elif event.reason is not FinishReason.LENGTH:
+                raise BenchmarkError(
+                    f"{item.id}: ended with {event.reason.value} ({event.message})"
+                )
+
+    return stream
+
+
 def check_prompt_ids(engine: Engine, workload: Workload) -> None:
     """The engine must see the same prompt ids the peers are given."""
     for item, prompt in zip(workload.items, workload.prompts, strict=True):
@@ -132,14 +180,7 @@ def summarize_latency(finishes: list[FinishEvent]) -> dict[str, Any]:
         "e2e_s": [f.usage.total_s for f in finishes],
         "queue_s": [f.usage.queue_s for f in finishes],
     }
-    return {name: _percentiles(values) for name, values in figures.items()}
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    p50, p99 = np.percentile(np.asarray(values), [50, 99])
-    return {"p50": round(float(p50), 4), "p99": round(float(p99), 4)}
+    return {name: percentiles(values) for name, values in figures.items()}
 
 
 def _warmup_request(item: WorkItem) -> GenerationRequest:

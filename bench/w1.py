@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{loaded.name} on {loaded.device}; {len(workload.items)} requests, "
         f"{workload.useful_tokens:,} useful tokens"
     )
-    context = {
+    context: dict[str, Any] = {
         "started": started,
         "command": [sys.executable, *sys.argv],
         "model": loaded.name,

@@ -1,1 +1,50 @@
-"""treadle."""
+"""treadle's Python SDK: `Client` (blocking) and `AsyncClient` (asyncio).
+
+from treadle.client import Client
+with Client("localhost:50051") as client:
+    print(client.generate("Hello", max_new_tokens=16).text)
+"""
+
+from .async_client import AsyncClient
+from .connection import TlsConfig
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    Overloaded,
+    TreadleClientError,
+    Unauthenticated,
+    Unavailable,
+)
+from .limits import RequestLimits
+from .params import ChatMessage, GenerationParams, PluginRequest
+from .results import Event, Finish, FinishReason, ModelInfo, Result, TokenChunk, Usage
+from .retry import RetryPolicy
+from .sync_client import Client
+
+__all__ = [
+    "AsyncClient",
+    "Cancelled",
+    "ChatMessage",
+    "Client",
+    "DeadlineExceeded",
+    "Event",
+    "Finish",
+    "FinishReason",
+    "GenerationParams",
+    "InternalError",
+    "InvalidArgument",
+    "ModelInfo",
+    "Overloaded",
+    "PluginRequest",
+    "RequestLimits",
+    "Result",
+    "RetryPolicy",
+    "TlsConfig",
+    "TokenChunk",
+    "TreadleClientError",
+    "Unauthenticated",
+    "Unavailable",
+    "Usage",
+]

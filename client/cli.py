@@ -1,15 +1,22 @@
 """The `treadle` command.
 
-Verbs that talk to a server use only the SDK (grpcio, protobuf); `serve`
-imports the server lazily, so the client install needs neither torch nor
-transformers.
+Verbs that talk to a server (generate, chat, info, health) use only the SDK
+(grpcio, protobuf); `serve` imports the server lazily, so the client install
+needs neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .params import GenerationParams, PluginRequest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,23 +26,112 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     serve = verbs.add_parser(
         "serve",
-        help="serve a model (default: the embedded SmolLM2-135M-Instruct)",
-        description="Serve a model. Every flag can also be set by the environment "
-        "variable named in its help.",
+        help="serve a model (default: the embedded SmolLM2-135M-Instruct); "
+        "`treadle serve --help` for its flags",
+        add_help=False,
     )
-    from treadle.scheduler.serve_cli import add_serve_arguments
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
 
-    add_serve_arguments(serve)
+    generate = verbs.add_parser("generate", help="stream one answer to the terminal")
+    generate.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    generate.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message (chat template)"
+    )
+    generate.add_argument("--system", help="a system message (implies --chat)")
+    generate.add_argument("--json", action="store_true", help="print the result as JSON")
+    chat = verbs.add_parser("chat", help="an interactive conversation (Ctrl-C stops an answer)")
+    chat.add_argument("--system", help="a system message opening the conversation")
+    for p in (generate, chat):
+        add_connection_arguments(p)
+        add_param_arguments(p)
+    for name, text in (("info", "the served model and its limits"), ("health", "server health")):
+        add_connection_arguments(verbs.add_parser(name, help=text))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.verb == "serve":
-        from treadle.scheduler.serve_cli import run_serve
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the server, imported only when asked for
+        from treadle.scheduler.serve_cli import serve_main
 
-        return run_serve(args)
-    return 2
+        return serve_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from . import commands
+
+    verbs: dict[str, Callable[[argparse.Namespace], int]] = {
+        "generate": commands.generate,
+        "chat": commands.chat,
+        "info": commands.info,
+        "health": commands.health,
+    }
+    return verbs[args.verb](args)
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument(
+        "--target",
+        default=env("TREADLE_TARGET", "localhost:50051"),
+        help="server address, 'dns:///name:port', or several comma-separated host:port "
+        "(round robin) [TREADLE_TARGET]",
+    )
+    p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --tls-ca)")
+    p.add_argument("--tls-ca", type=Path, default=env("TREADLE_TLS_CA"), help="CA certificate")
+    p.add_argument("--tls-cert", type=Path, default=env("TREADLE_TLS_CERT"), help="client cert")
+    p.add_argument("--tls-key", type=Path, default=env("TREADLE_TLS_KEY"), help="client key")
+    p.add_argument("--token-file", type=Path, help="bearer token file (or TREADLE_TOKEN)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per call")
+
+
+def add_param_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per GenerationParams field, named like the field."""
+    group = p.add_argument_group("generation parameters (as in GenerationParams)")
+    for f in dataclasses.fields(GenerationParams):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if f.name == "plugins":
+            group.add_argument(
+                flag.removesuffix("s"),
+                dest=f.name,
+                action="append",
+                metavar="NAME[=JSON]",
+                help="enable a server plugin (repeatable)",
+            )
+        elif f.name == "logit_bias":
+            group.add_argument(flag, action="append", metavar="ID=BIAS", help="repeatable")
+        elif f.name == "bad_words_ids":
+            group.add_argument(flag, action="append", metavar="ID,ID,...", help="repeatable")
+        elif kind.startswith("list["):
+            item = int if "int" in kind else str
+            group.add_argument(flag, action="append", type=item, help="repeatable")
+        elif kind == "bool":
+            default = f.default
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            number = float if "float" in kind else int
+            group.add_argument(flag, type=number, default=None, help=f"default {f.default}")
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    """The GenerationParams that the parameter flags describe (unset flags keep defaults)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(GenerationParams):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "plugins":
+            value = [_plugin(spec) for spec in value]
+        elif f.name == "logit_bias":
+            value = {int(k): float(v) for k, _, v in (s.partition("=") for s in value)}
+        elif f.name == "bad_words_ids":
+            value = [[int(t) for t in s.split(",")] for s in value]
+        values[f.name] = value
+    return GenerationParams(**values)
+
+
+def _plugin(spec: str) -> PluginRequest:
+    name, _, args = spec.partition("=")
+    return PluginRequest(name=name, args=json.loads(args) if args else {})
 
 
 if __name__ == "__main__":

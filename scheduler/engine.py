@@ -281,7 +281,10 @@ class Engine:
             else:
                 tokens = self.scheduler.update(plan, output)
                 forward_s, process_s = output.forward_s, output.process_s
-        finished = self._dispatch()
+        outbox = self.scheduler.take_events()
+        finished = [events[-1] for _, events in outbox if isinstance(events[-1], FinishEvent)]
+        with self._lock:
+            self._in_flight.difference_update(e.request_id for e in finished)
         stats = StepStats(
             step=plan.step,
             decode_rows=len(plan.decode),
@@ -296,22 +299,16 @@ class Engine:
             inter_token_s=tokens.inter_token_s,
             finished=finished,
         )
-        for observe in self.step_observers:
+        for observe in self.step_observers:  # before delivery: metrics never lag the clients
             observe(stats)
+        self._deliver(outbox)
 
-    def _dispatch(self) -> list[FinishEvent]:
-        finished: list[FinishEvent] = []
-        for req, events in self.scheduler.take_events():
-            last = events[-1]
-            if isinstance(last, FinishEvent):
-                finished.append(last)
-                with self._lock:
-                    self._in_flight.discard(req.request_id)
+    def _deliver(self, outbox: list[tuple[Request, list[Event]]]) -> None:
+        for req, events in outbox:
             try:
                 req.sink(events)
             except Exception:  # a broken consumer must not stop the loop
                 log.exception("delivering events of %s failed", req.request_id)
-        return finished
 
 
 def _with_id(gen: GenerationRequest, request_id: str) -> GenerationRequest:

@@ -165,6 +165,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def serve_main(argv: list[str]) -> int:
+    """`treadle serve ARGS...`: parse the flags and serve."""
+    parser = argparse.ArgumentParser(
+        prog="treadle serve",
+        description="Serve a model over gRPC. Every flag can also be set by the environment "
+        "variable named in its help.",
+    )
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     logging.basicConfig(

@@ -129,6 +129,7 @@ class TreadleServer:
             await self._server.stop(grace=2.0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         log.info("stopped")
 
     async def wait(self) -> None:

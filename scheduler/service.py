@@ -132,7 +132,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         """Convert and submit; raises TreadleError when the request is refused."""
         if self.engine is None:
             raise EngineUnavailableError("the model is still loading")
-        gen = request_from_proto(request, deadline=context.time_remaining())
+        remaining = context.time_remaining()  # the call's deadline, handed to the engine
+        deadline = None if remaining is None else max(remaining, 1e-3)
+        gen = request_from_proto(request, deadline=deadline)
         return self.engine.stream(dataclasses.replace(gen, request_id=None))
 
     async def _open(self, request: pb.GenerateRequest, context: Any) -> tuple[EventStream, str]:

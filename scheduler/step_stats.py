@@ -15,7 +15,7 @@ class StepStats:
     prefill_tokens: int  # prompt tokens run this step
     forward_s: float  # seconds in the model forward
     process_s: float  # seconds in logits processing and sampling
-    step_s: float  # seconds for the whole step: schedule, execute, update, dispatch
+    step_s: float  # seconds for the step: schedule, execute, update (delivery follows)
     running: int  # requests holding a row after the step
     waiting: int  # requests queued after the step
     generated_tokens: int = 0  # tokens accepted this step (rows that failed produce none)

@@ -43,7 +43,20 @@ class Served:
                 values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
         return values
 
-    async def until(self, condition: Callable[[StepStats], bool], timeout: float = 30) -> None:
+    async def idle(self, timeout: float = 30) -> None:
+        """Wait (bounded) until no request is in flight."""
+        await self.until(
+            lambda s: s.running == 0 and s.waiting == 0,
+            timeout,
+            already=lambda: self.engine.num_in_flight == 0,
+        )
+
+    async def until(
+        self,
+        condition: Callable[[StepStats], bool],
+        timeout: float = 30,
+        already: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Wait (bounded) for a step after which `condition` holds."""
         seen = threading.Event()
 
@@ -53,6 +66,8 @@ class Served:
 
         self.engine.step_observers.append(observe)
         try:
+            if already():  # checked after the observer is in place: no step can be missed
+                return
             assert await asyncio.to_thread(seen.wait, timeout), "condition not reached"
         finally:
             self.engine.step_observers.remove(observe)

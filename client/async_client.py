@@ -1,0 +1,232 @@
+"""The asyncio SDK: `AsyncClient`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from treadle.v1 import treadle_pb2 as pb
+from treadle.v1 import treadle_pb2_grpc as pb_grpc
+
+from .connection import Connection, TlsConfig
+from .convert import (
+    Prompt,
+    chat_to_proto,
+    model_info_from_proto,
+    request_to_proto,
+    result_from_proto,
+)
+from .errors import InvalidArgument, error_from_rpc
+from .limits import RequestLimits
+from .params import GenerationParams
+from .results import ModelInfo, Result
+from .retry import RetryPolicy, with_retries
+from .session import AsyncSession
+from .streams import ResponseStream, raise_if_error
+from .validation import ParameterError, check_params
+
+log = logging.getLogger("treadle.client")
+
+
+class AsyncClient:
+    """A treadle client for asyncio programs, over one reused channel.
+
+        async with AsyncClient("localhost:50051") as client:
+            result = await client.generate("Once upon a time", max_new_tokens=32)
+            async for text in client.stream_text([{"role": "user", "content": "Hi"}]):
+                print(text, end="")
+
+    Inputs: a string (raw prompt), a list of chat messages (rendered with the
+    model's chat template on the server), or `token_ids=`. Parameters: a
+    `GenerationParams` and/or its fields as keyword arguments. Parameters are
+    checked before anything is sent (InvalidArgument with the server's own
+    messages). Errors are typed (see `treadle.client.errors`). `timeout`
+    (seconds) applies per call. Refused calls (UNAVAILABLE, RESOURCE_EXHAUSTED)
+    are retried per `retry` until the first token, never after.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        limits: RequestLimits | None = None,
+        on_retry: Callable[[int, Exception], None] | None = None,
+    ) -> None:
+        self.connection = Connection(target=target, tls=tls, token=token, metadata=tuple(metadata))
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.limits = limits  # per-request limits to check client-side (model_info() sets them)
+        self.retries = 0  # calls retried so far
+        self.on_retry = on_retry  # called with (failed attempt number, its error) before a retry
+        self._channel: grpc.aio.Channel | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def stub(self) -> pb_grpc.GenerationStub:
+        return pb_grpc.GenerationStub(self._get_channel())
+
+    # -- calls ------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: Prompt | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        params: GenerationParams | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+        **overrides: Any,
+    ) -> Result:
+        """Generate a whole answer. Raises a TreadleClientError if the request fails."""
+        request = self.build_request(prompt, token_ids, params, request_id, overrides)
+        stub = self.stub
+
+        async def attempt() -> pb.GenerateResponse:
+            try:
+                return await stub.Generate(
+                    request, timeout=self._timeout(timeout), metadata=self._metadata()
+                )
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from None
+
+        result = result_from_proto(await with_retries(self.retry, attempt, self._count_retry))
+        raise_if_error(result.finish)
+        return result
+
+    def stream(
+        self,
+        prompt: Prompt | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        params: GenerationParams | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+        **overrides: Any,
+    ) -> ResponseStream:
+        """Stream a request's events (TokenChunk..., Finish); see ResponseStream."""
+        request = self.build_request(prompt, token_ids, params, request_id, overrides)
+        stub = self.stub
+        return ResponseStream(
+            lambda: stub.GenerateStream(
+                request, timeout=self._timeout(timeout), metadata=self._metadata()
+            ),
+            self.retry,
+            self._count_retry,
+        )
+
+    def stream_text(self, prompt: Prompt | None = None, **kwargs: Any) -> Any:
+        """Only the text of `stream(...)`, as it is released (an async iterator of str)."""
+        return self.stream(prompt, **kwargs).text()
+
+    def session(self, timeout: float | None = None) -> AsyncSession:
+        """A multiplexed bidirectional session (`async with client.session() as s`)."""
+        return AsyncSession(self.stub, self.build_request, self._metadata(), self._timeout(timeout))
+
+    async def model_info(self, timeout: float | None = None) -> ModelInfo:
+        """The served model and its limits; later requests are checked against those limits."""
+        try:
+            response = await self.stub.ModelInfo(
+                pb.ModelInfoRequest(), timeout=self._timeout(timeout), metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        info = model_info_from_proto(response)
+        self.limits = dataclasses.replace(
+            self.limits or RequestLimits(),
+            default_max_new_tokens=info.default_max_new_tokens,
+            max_stop_strings=info.max_stop_strings,
+            max_plugins=info.max_plugins,
+            max_top_logprobs=info.max_top_logprobs,
+        )
+        return info
+
+    async def tokenize(self, prompt: Prompt, timeout: float | None = None) -> list[int]:
+        """The token ids the server would generate from for `prompt`."""
+        request = (
+            pb.TokenizeRequest(prompt=prompt)
+            if isinstance(prompt, str)
+            else pb.TokenizeRequest(chat=chat_to_proto(prompt))
+        )
+        try:
+            response = await self.stub.Tokenize(
+                request, timeout=self._timeout(timeout), metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return list(response.token_ids)
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
+        stub = health_pb2_grpc.HealthStub(self._get_channel())
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._timeout(timeout),
+                metadata=self._metadata(),
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    # -- helpers ----------------------------------------------------------------------
+    def build_request(
+        self,
+        prompt: Prompt | None,
+        token_ids: Sequence[int] | None,
+        params: GenerationParams | None,
+        request_id: str,
+        overrides: dict[str, Any],
+    ) -> pb.GenerateRequest:
+        """The checked wire request; raises InvalidArgument before anything is sent."""
+        try:
+            p = dataclasses.replace(params or GenerationParams(), **overrides)
+        except TypeError as exc:
+            raise TypeError(f"unknown generation parameter: {exc}") from None
+        if (prompt is None) == (token_ids is None):
+            raise InvalidArgument("input: exactly one of prompt (text or messages) or token_ids")
+        if isinstance(prompt, str) and not prompt:
+            raise InvalidArgument("prompt: must not be empty")
+        if prompt is not None and not isinstance(prompt, str) and not prompt:
+            raise InvalidArgument("messages: must not be empty")
+        try:
+            check_params(p, self.limits)
+        except ParameterError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return request_to_proto(prompt, token_ids, p, request_id)
+
+    def _get_channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = self.connection.aio_channel()
+        return self._channel
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.connection.call_metadata()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    def _count_retry(self, attempt: int, error: Exception) -> None:
+        self.retries += 1
+        log.info("attempt %d refused (%s); retrying", attempt, error)
+        if self.on_retry is not None:
+            self.on_retry(attempt, error)

@@ -1,0 +1,150 @@
+"""The client verbs of the `treadle` command: generate, chat, info, health."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .cli import params_from_args
+from .connection import TlsConfig
+from .convert import Prompt
+from .errors import TreadleClientError
+from .params import ChatMessage, GenerationParams
+from .results import Finish, TokenChunk
+from .sync_client import Client
+
+
+def client_from_args(args: argparse.Namespace) -> Client:
+    token = os.environ.get("TREADLE_TOKEN") or None
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = TlsConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key)
+    targets = args.target.split(",")
+    return Client(
+        targets if len(targets) > 1 else args.target, tls=tls, token=token, timeout=args.timeout
+    )
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Stream one answer to stdout; the finish line goes to stderr."""
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages = [*_opening(args.system), ChatMessage("user", prompt_text)]
+    prompt: Prompt = messages if (args.chat or args.system) else prompt_text
+    try:
+        with client_from_args(args) as client:
+            params = params_from_args(args)
+            if args.json:
+                result = client.generate(prompt, params=params)
+                print(json.dumps(dataclasses.asdict(result), default=str, indent=2))
+                return 0
+            finish = _print_stream(client, prompt, params)
+    except (TreadleClientError, OSError, ValueError) as exc:
+        print(f"treadle generate: {exc}", file=sys.stderr)
+        return 1
+    print(file=sys.stdout, flush=True)
+    _print_finish(finish)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    """An interactive conversation; Ctrl-C stops the current answer, Ctrl-D leaves."""
+    messages = _opening(args.system)
+    try:
+        client = client_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"treadle chat: {exc}", file=sys.stderr)
+        return 1
+    params = params_from_args(args)
+    with client:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            except KeyboardInterrupt:  # at the prompt: a fresh line
+                print(file=sys.stderr)
+                continue
+            if not line.strip():
+                continue
+            messages.append(ChatMessage("user", line))
+            try:
+                answer = _print_chat_answer(client, messages, params)
+            except TreadleClientError as exc:
+                print(f"\n[error: {exc}]", file=sys.stderr, flush=True)
+                messages.pop()
+                continue
+            if answer is None:  # cancelled: forget the question
+                messages.pop()
+            else:
+                messages.append(ChatMessage("assistant", answer))
+
+
+def info(args: argparse.Namespace) -> int:
+    try:
+        with client_from_args(args) as client:
+            model = client.model_info()
+    except TreadleClientError as exc:
+        print(f"treadle info: {exc}", file=sys.stderr)
+        return 1
+    for key, value in dataclasses.asdict(model).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    """Print the health status; exit 0 only when SERVING."""
+    try:
+        with client_from_args(args) as client:
+            status = client.health()
+    except TreadleClientError as exc:
+        print(f"UNREACHABLE: {exc}")
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _opening(system: str | None) -> list[ChatMessage]:
+    return [ChatMessage("system", system)] if system else []
+
+
+def _print_stream(client: Client, prompt: Prompt, params: GenerationParams) -> Finish | None:
+    finish = None
+    for event in client.stream(prompt, params=params):
+        if isinstance(event, TokenChunk):
+            print(event.text, end="", flush=True)
+        else:
+            finish = event
+    return finish
+
+
+def _print_chat_answer(client: Client, messages: list[ChatMessage], params: object) -> str | None:
+    """Stream one answer; None if the user stopped it with Ctrl-C."""
+    parts: list[str] = []
+    try:
+        for event in client.stream(list(messages), params=params):
+            if isinstance(event, TokenChunk):
+                parts.append(event.text)
+                print(event.text, end="", flush=True)
+    except KeyboardInterrupt:
+        print("\n[stopped]", flush=True)
+        return None
+    print(flush=True)
+    return "".join(parts)
+
+
+def _print_finish(finish: Finish | None) -> None:
+    if finish is None:
+        return
+    u = finish.usage
+    print(
+        f"[{finish.reason.value}] {u.generated_tokens} tokens, prompt {u.prompt_tokens}, "
+        f"first token after {u.time_to_first_token_seconds:.2f} s, total {u.total_seconds:.2f} s"
+        + (f"; {finish.error_message}" if finish.error_message else ""),
+        file=sys.stderr,
+    )

@@ -1,0 +1,164 @@
+"""SDK types <-> protobuf messages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from treadle.v1 import treadle_pb2 as pb
+
+from .params import ChatMessage, GenerationParams
+from .results import (
+    Finish,
+    FinishReason,
+    ModelInfo,
+    Result,
+    TokenChunk,
+    TokenLogprob,
+    Usage,
+)
+
+Prompt = str | Sequence[ChatMessage | Mapping[str, str]]  # text, or chat messages
+
+_REASONS = {
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_EOS: FinishReason.EOS,
+    pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+    pb.FINISH_REASON_STOP_TOKEN: FinishReason.STOP_TOKEN,
+    pb.FINISH_REASON_TIME_LIMIT: FinishReason.TIME_LIMIT,
+    pb.FINISH_REASON_STOP_CRITERION: FinishReason.STOP_CRITERION,
+    pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+    pb.FINISH_REASON_ERROR: FinishReason.ERROR,
+}
+
+
+def chat_to_proto(messages: Sequence[ChatMessage | Mapping[str, str]]) -> pb.Chat:
+    out = []
+    for m in messages:
+        role, content = (
+            (m.role, m.content) if isinstance(m, ChatMessage) else (m["role"], m["content"])
+        )
+        out.append(pb.ChatMessage(role=role, content=content))
+    return pb.Chat(messages=out)
+
+
+def request_to_proto(
+    prompt: Prompt | None,
+    token_ids: Sequence[int] | None,
+    params: GenerationParams,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """The wire request for one input (text, chat messages or token ids) and its parameters."""
+    p = params
+    msg = pb.GenerateRequest(
+        request_id=request_id,
+        sampling=pb.SamplingParameters(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            typical_p=p.typical_p,
+            repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            no_repeat_ngram_size=p.no_repeat_ngram_size,
+            bad_words=p.bad_words,
+            bad_words_ids=[pb.TokenIds(ids=ids) for ids in p.bad_words_ids],
+            logit_bias=p.logit_bias,
+            allowed_token_ids=p.allowed_token_ids,
+            seed=p.seed,
+        ),
+        stopping=pb.StoppingParameters(
+            max_new_tokens=p.max_new_tokens,
+            min_new_tokens=p.min_new_tokens,
+            ignore_eos=p.ignore_eos,
+            stop=p.stop,
+            stop_token_ids=p.stop_token_ids,
+            include_stop_in_output=p.include_stop_in_output,
+            max_time_seconds=p.max_time,
+        ),
+        logprobs=pb.LogprobsOptions(
+            enabled=p.logprobs, top=p.top_logprobs, processed=p.processed_logprobs
+        ),
+        priority=p.priority,
+        plugins=[pb.Plugin(name=x.name, args_json=json.dumps(x.args)) for x in p.plugins],
+        keep_special_tokens=not p.skip_special_tokens,
+    )
+    if token_ids is not None:
+        msg.token_ids.CopyFrom(pb.TokenIds(ids=token_ids))
+    elif isinstance(prompt, str):
+        msg.prompt = prompt
+    elif prompt is not None:
+        msg.chat.CopyFrom(chat_to_proto(prompt))
+    return msg
+
+
+def logprob_from_proto(lp: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+
+
+def chunk_from_proto(request_id: str, chunk: pb.TokenChunk) -> TokenChunk:
+    return TokenChunk(
+        request_id=request_id,
+        token_ids=tuple(chunk.token_ids),
+        text=chunk.text,
+        logprobs=tuple(logprob_from_proto(lp) for lp in chunk.logprobs),
+    )
+
+
+def finish_from_proto(request_id: str, finish: pb.Finish) -> Finish:
+    u = finish.usage
+    return Finish(
+        request_id=request_id,
+        reason=_REASONS.get(finish.reason, FinishReason.ERROR),
+        usage=Usage(
+            prompt_tokens=u.prompt_tokens,
+            cached_prompt_tokens=u.cached_prompt_tokens,
+            generated_tokens=u.generated_tokens,
+            queue_seconds=u.queue_seconds,
+            time_to_first_token_seconds=u.time_to_first_token_seconds,
+            total_seconds=u.total_seconds,
+        ),
+        stop_sequence=finish.stop_sequence,
+        error_code=finish.error.code,
+        error_message=finish.error.message,
+    )
+
+
+def event_from_proto(
+    event: pb.GenerateEvent | pb.SessionEvent, request_id: str | None = None
+) -> TokenChunk | Finish:
+    rid = request_id or event.request_id
+    if event.HasField("token"):
+        return chunk_from_proto(rid, event.token)
+    return finish_from_proto(rid, event.finish)
+
+
+def result_from_proto(response: pb.GenerateResponse) -> Result:
+    rid = response.request_id
+    return Result(
+        request_id=rid,
+        text=response.text,
+        token_ids=tuple(response.token_ids),
+        finish=finish_from_proto(rid, response.finish),
+        logprobs=tuple(logprob_from_proto(lp) for lp in response.logprobs),
+    )
+
+
+def model_info_from_proto(info: pb.ModelInfoResponse) -> ModelInfo:
+    return ModelInfo(
+        model=info.model,
+        context_length=info.context_length,
+        max_total_tokens=info.max_total_tokens,
+        vocab_size=info.vocab_size,
+        eos_token_ids=tuple(info.eos_token_ids),
+        max_batch_rows=info.max_batch_rows,
+        default_max_new_tokens=info.default_max_new_tokens,
+        max_stop_strings=info.max_stop_strings,
+        max_plugins=info.max_plugins,
+        max_top_logprobs=info.max_top_logprobs,
+        max_waiting=info.max_waiting,
+        max_request_bytes=info.max_request_bytes,
+        plugins=tuple(info.plugins),
+        has_chat_template=info.has_chat_template,
+    )

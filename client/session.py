@@ -1,0 +1,149 @@
+"""A multiplexed bidirectional Session: many requests on one stream, each cancellable."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from treadle.v1 import treadle_pb2 as pb
+
+from .convert import Prompt, event_from_proto
+from .errors import TreadleClientError, error_from_rpc
+from .params import GenerationParams
+from .results import Event, Finish, Result
+from .streams import collect
+
+# (prompt, token_ids, params, request_id, overrides) -> a checked wire request
+BuildRequest = Callable[
+    [Prompt | None, Sequence[int] | None, GenerationParams | None, str, dict[str, Any]],
+    pb.GenerateRequest,
+]
+
+
+class SessionRequest:
+    """One request of a session: an async iterator of its events, `cancel()`, `result()`."""
+
+    def __init__(self, session: AsyncSession, request_id: str) -> None:
+        self.request_id = request_id
+        self._session = session
+        self._queue: asyncio.Queue[Event | TreadleClientError] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> SessionRequest:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, TreadleClientError):
+            self._done = True
+            raise item
+        if isinstance(item, Finish):
+            self._done = True
+        return item
+
+    def cancel(self) -> None:
+        """Ask the server to end this request; its Finish (cancelled) still arrives."""
+        if not self._done:
+            self._session._send(pb.SessionRequest(cancel=pb.Cancel(request_id=self.request_id)))
+
+    async def result(self) -> Result:
+        return await collect(self)
+
+    async def aclose(self) -> None:
+        """Stop listening; cancels the request if it has not finished."""
+        self.cancel()
+
+    def _put(self, item: Event | TreadleClientError) -> None:
+        self._queue.put_nowait(item)
+
+
+class AsyncSession:
+    """`async with client.session() as s:` then `r = s.submit(...)` as often as needed.
+
+    Leaving the block half-closes the stream and waits until every request
+    has finished; leaving it by an exception cancels the whole session.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        build: BuildRequest,
+        metadata: tuple[tuple[str, str], ...],
+        timeout: float | None,
+    ) -> None:
+        self._stub = stub
+        self._build = build
+        self._metadata = metadata
+        self._timeout = timeout
+        self._outgoing: asyncio.Queue[pb.SessionRequest | None] = asyncio.Queue()
+        self._open: dict[str, SessionRequest] = {}
+        self._ids = itertools.count(1)
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        self._call = self._stub.Session(
+            self._requests(), metadata=self._metadata, timeout=self._timeout
+        )
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self._reader is not None
+        if exc_type is not None:
+            self._call.cancel()
+        self._outgoing.put_nowait(None)  # half-close
+        await asyncio.gather(self._reader, return_exceptions=exc_type is not None)
+
+    def submit(
+        self,
+        prompt: Prompt | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        params: GenerationParams | None = None,
+        request_id: str = "",
+        **overrides: Any,
+    ) -> SessionRequest:
+        """Start a request on the session, like `AsyncClient.stream`; returns its handle.
+
+        Raises InvalidArgument (client-side checks) before anything is sent.
+        """
+        request = self._build(prompt, token_ids, params, request_id, overrides)
+        if not request.request_id:
+            request.request_id = f"req-{next(self._ids)}"
+        if request.request_id in self._open:
+            raise ValueError(f"request_id: {request.request_id!r} is already open in this session")
+        handle = SessionRequest(self, request.request_id)
+        self._open[request.request_id] = handle
+        self._send(pb.SessionRequest(generate=request))
+        return handle
+
+    def _send(self, message: pb.SessionRequest) -> None:
+        self._outgoing.put_nowait(message)
+
+    async def _requests(self) -> AsyncIterator[pb.SessionRequest]:
+        while (message := await self._outgoing.get()) is not None:
+            yield message
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._call:
+                handle = self._open.get(message.request_id)
+                if handle is None:
+                    continue
+                event = event_from_proto(message)
+                handle._put(event)
+                if isinstance(event, Finish):
+                    del self._open[message.request_id]
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc)
+            for handle in self._open.values():
+                handle._put(error)
+            self._open.clear()
+            raise error from None

@@ -1,0 +1,129 @@
+"""The async stream of one request's events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from treadle.v1 import treadle_pb2 as pb
+
+from .convert import event_from_proto
+from .errors import error_from_number, error_from_rpc
+from .results import Event, Finish, FinishReason, Result, TokenChunk, TokenLogprob
+from .retry import RetryPolicy, with_retries
+
+OpenCall = Callable[[], Any]  # () -> a grpc.aio UnaryStreamCall of GenerateEvents
+
+
+class ResponseStream:
+    """Async iterator over one request's events: TokenChunks, then one Finish.
+
+    Leaving the iteration early (`aclose()`, `cancel()`, `async with` exit,
+    the consuming task being cancelled) cancels the request on the server.
+    A refused call is retried per the RetryPolicy until its first event
+    arrives, never after.
+    """
+
+    def __init__(
+        self,
+        open_call: OpenCall,
+        retry: RetryPolicy,
+        on_retry: Callable[[int, Exception], None] | None = None,
+    ) -> None:
+        self._open_call = open_call
+        self._retry = retry
+        self._on_retry = on_retry
+        self._call: Any = None
+        self._first: pb.GenerateEvent | None = None
+        self._done = False
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            message = await self._next_message()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        event = event_from_proto(message)
+        if isinstance(event, Finish):
+            self._done = True
+        return event
+
+    def cancel(self) -> None:
+        """Cancel the request (no-op once it has finished)."""
+        self._done = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self.cancel()
+
+    async def text(self) -> AsyncIterator[str]:
+        """Only the text, as it is released; raises if the request ends with an error."""
+        async for event in self:
+            if isinstance(event, TokenChunk):
+                if event.text:
+                    yield event.text
+            else:
+                raise_if_error(event)
+
+    async def result(self) -> Result:
+        """Consume the stream into one Result."""
+        return await collect(self)
+
+    async def _next_message(self) -> pb.GenerateEvent:
+        if self._call is None:
+            self._call, first = await with_retries(self._retry, self._open, self._on_retry)
+            return first
+        return await _read(self._call)
+
+    async def _open(self) -> tuple[Any, pb.GenerateEvent]:
+        call = self._open_call()
+        self._call = call
+        return call, await _read(call)
+
+
+async def _read(call: Any) -> pb.GenerateEvent:
+    """The next event; a failed call raises its typed error."""
+    try:
+        message = await call.read()
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from None
+    if message is grpc.aio.EOF:
+        raise error_from_number(13, "the stream ended without a finish event")
+    return message
+
+
+def raise_if_error(finish: Finish) -> None:
+    if finish.reason is FinishReason.ERROR:
+        raise error_from_number(finish.error_code, finish.error_message)
+
+
+async def collect(events: AsyncIterator[Event] | Awaitable[Any]) -> Result:
+    """Gather a stream of events into one Result (raises on an ERROR finish)."""
+    text: list[str] = []
+    ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    async for event in events:  # type: ignore[union-attr]
+        if isinstance(event, TokenChunk):
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            logprobs.extend(event.logprobs)
+        else:
+            raise_if_error(event)
+            return Result(event.request_id, "".join(text), tuple(ids), event, tuple(logprobs))
+    raise error_from_number(13, "the stream ended without a finish event")

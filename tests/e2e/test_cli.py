@@ -1,0 +1,135 @@
+"""`treadle generate`, `chat`, `info` and `health` driven as a user would, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from e2e.served import Served, start_served
+
+from treadle.client import AsyncClient
+from treadle.scheduler.engine import EngineConfig
+from treadle.worker.loader import LoadedModel
+
+CLI = [sys.executable, "-m", "treadle.client.cli"]
+
+
+def env_for(served: Served) -> dict[str, str]:
+    return {**os.environ, "TREADLE_TARGET": served.target, "PYTHONUNBUFFERED": "1"}
+
+
+async def run_cli(served: Served, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        *args,
+        env=env_for(served),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_generate_streams_the_answer(served: Served) -> None:
+    async with AsyncClient(served.target) as client:
+        want = await client.generate(
+            "Hello there", max_new_tokens=12, ignore_eos=True, seed=3, temperature=0.9
+        )
+    code, out, err = await run_cli(
+        served,
+        "generate",
+        "Hello there",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.9",
+    )
+    assert code == 0, err
+    assert out == want.text + "\n"
+    assert "[length] 12 tokens" in err
+
+
+async def test_generate_reports_bad_input_and_reads_stdin(served: Served) -> None:
+    code, _, err = await run_cli(served, "generate", "hi", "--top-p", "2")
+    assert code == 1 and "top_p: must be within (0.0, 1.0]" in err
+    code, out, err = await run_cli(
+        served, "generate", "-", "--max-new-tokens", "3", stdin="from stdin"
+    )
+    assert code == 0 and "[length] 3 tokens" in err and out.strip()
+
+
+async def test_info_and_health(served: Served) -> None:
+    code, out, _ = await run_cli(served, "info")
+    assert code == 0 and "model: tiny-llama" in out and "max_total_tokens: 256" in out
+    code, out, _ = await run_cli(served, "health")
+    assert code == 0 and out.strip() == "SERVING"
+
+
+async def read_until(
+    stream: asyncio.StreamReader, marker: bytes, seen: bytearray, count: int = 1
+) -> None:
+    """Read into `seen` until `marker` appears `count` times in all (bounded)."""
+    async with asyncio.timeout(60):
+        while seen.count(marker) < count:
+            chunk = await stream.read(256)
+            assert chunk, f"output ended before {marker!r}: {seen.decode(errors='replace')}"
+            seen.extend(chunk)
+
+
+async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
+    tiny: LoadedModel,
+) -> None:
+    # a longer context than the default fixture's, so answers are long enough to interrupt
+    served = await start_served(tiny, EngineConfig(max_batch_rows=4, max_seq_len=512))
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "chat",
+        "--max-new-tokens",
+        "150",
+        "--ignore-eos",
+        env=env_for(served),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin and proc.stdout
+    out = bytearray()
+    try:
+        await read_until(proc.stdout, b"> ", out)
+        proc.stdin.write(b"Tell me everything.\n")
+        await proc.stdin.drain()
+        await read_until(proc.stdout, b"> ", out, 2)  # the whole first answer, then a prompt
+        first_answer = out.decode().split("> ")[1]
+        assert len(first_answer.strip()) > 20
+
+        proc.stdin.write(b"And again, at length.\n")
+        await proc.stdin.drain()
+        mark = len(out)
+        while len(out) < mark + 20:  # some of the second answer has streamed
+            out.extend(await asyncio.wait_for(proc.stdout.read(64), 60))
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: stop this answer, stay in the chat
+        await read_until(proc.stdout, b"[stopped]", out)
+        await read_until(proc.stdout, b"> ", out, 3)
+
+        proc.stdin.write(b"Short question?\n")
+        await proc.stdin.drain()
+        proc.stdin.close()  # Ctrl-D after it
+        rest, err = await asyncio.wait_for(proc.communicate(), 60)
+        out.extend(rest)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await served.channel.close()
+        await served.server.drain()
+    text = out.decode()
+    assert text.count("[stopped]") == 1
+    third = text.split("[stopped]")[1].split("> ")[-2]  # the answer after the stop
+    assert len(third.strip()) > 20

@@ -1,0 +1,237 @@
+"""The Python SDK against real servers on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from e2e.served import Served, greedy, start_served
+from helpers import make_tiny_model
+
+from treadle.client import (
+    AsyncClient,
+    Client,
+    FinishReason,
+    InvalidArgument,
+    RetryPolicy,
+    TokenChunk,
+    TreadleClientError,
+    Unavailable,
+)
+from treadle.scheduler.engine import EngineConfig
+from treadle.scheduler.server import ServerConfig
+from treadle.v1 import treadle_pb2 as pb
+from treadle.worker.loader import LoadedModel
+
+PROMPT = [101, 2045, 3310, 77, 19]
+
+
+async def raw_tokens(served: Served, max_new: int) -> list[int]:
+    response = await served.stub.Generate(greedy(PROMPT, max_new))
+    return list(response.token_ids)
+
+
+async def test_async_generate_stream_and_session_match_the_raw_stubs(served: Served) -> None:
+    want = await raw_tokens(served, 10)
+    async with AsyncClient(served.target) as client:
+        result = await client.generate(token_ids=PROMPT, max_new_tokens=10, ignore_eos=True)
+        assert list(result.token_ids) == want and result.reason is FinishReason.LENGTH
+        events = [
+            e async for e in client.stream(token_ids=PROMPT, max_new_tokens=10, ignore_eos=True)
+        ]
+        assert [t for e in events if isinstance(e, TokenChunk) for t in e.token_ids] == want
+        text = "".join(
+            [
+                t
+                async for t in client.stream_text(
+                    token_ids=PROMPT, max_new_tokens=10, ignore_eos=True
+                )
+            ]
+        )
+        assert text == result.text
+        async with client.session() as session:
+            handles = [
+                session.submit(token_ids=PROMPT, max_new_tokens=10, ignore_eos=True)
+                for _ in range(3)
+            ]
+            results = [await h.result() for h in handles]
+        assert all(list(r.token_ids) == want for r in results)
+        assert len({h.request_id for h in handles}) == 3
+
+
+async def test_sync_client_matches_the_raw_stubs(served: Served) -> None:
+    want = await raw_tokens(served, 8)
+
+    def use_sync() -> tuple[list[int], list[int], list[int], str]:
+        with Client(served.target) as client:
+            unary = list(
+                client.generate(token_ids=PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
+            )
+            streamed = [
+                t
+                for e in client.stream(token_ids=PROMPT, max_new_tokens=8, ignore_eos=True)
+                if isinstance(e, TokenChunk)
+                for t in e.token_ids
+            ]
+            with client.session() as session:
+                handle = session.submit(token_ids=PROMPT, max_new_tokens=8, ignore_eos=True)
+                in_session = list(handle.result().token_ids)
+            return unary, streamed, in_session, client.health()
+
+    unary, streamed, in_session, health = await asyncio.to_thread(use_sync)
+    assert unary == streamed == in_session == want
+    assert health == "SERVING"
+
+
+async def test_leaving_an_async_stream_early_frees_the_row(served: Served) -> None:
+    async with AsyncClient(served.target) as client:
+        stream = client.stream(token_ids=PROMPT, max_new_tokens=240, ignore_eos=True)
+        received = 0
+        async for event in stream:
+            received += len(event.token_ids) if isinstance(event, TokenChunk) else 0
+            if received >= 3:
+                break
+        await stream.aclose()
+        await served.idle()
+    metrics = served.metrics()
+    assert metrics["treadle_running_requests"] == 0
+    assert metrics["treadle_requests_finished_total{reason=cancelled}"] == 1
+
+
+async def test_cancelling_the_consuming_task_cancels_the_request(served: Served) -> None:
+    async with AsyncClient(served.target) as client:
+        first_token = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in client.stream(token_ids=PROMPT, max_new_tokens=240, ignore_eos=True):
+                first_token.set()
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.wait_for(first_token.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await served.idle()
+    assert served.metrics()["treadle_requests_finished_total{reason=cancelled}"] == 1
+
+
+async def test_errors_are_typed_and_carry_the_servers_message(served: Served) -> None:
+    async with AsyncClient(served.target) as client:
+        with pytest.raises(InvalidArgument) as info:  # checked client-side, nothing sent
+            await client.generate("hi", top_p=0.0)
+        assert info.value.field == "top_p" and info.value.code is None
+        with pytest.raises(InvalidArgument) as info:  # only the server knows the context
+            await client.generate(token_ids=PROMPT, max_new_tokens=1000)
+        assert info.value.field == "max_new_tokens"
+        assert "exceeds the context limit of 256 tokens" in info.value.message
+        assert info.value.code is not None
+    assert served.metrics()["treadle_errors_total{code=INVALID_ARGUMENT}"] == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_retry_when_the_target_is_down_then_comes_up(tiny: LoadedModel) -> None:
+    port = free_port()
+    started: list[Served] = []
+    tasks: list[asyncio.Future[None]] = []
+
+    def bring_it_up(attempt: int, error: Exception) -> None:
+        assert isinstance(error, Unavailable)
+        if not started:
+            started.append(None)  # type: ignore[arg-type]
+            tasks.append(asyncio.ensure_future(start(port)))
+
+    async def start(p: int) -> None:
+        started[0] = await start_served(
+            tiny, server_config=ServerConfig(host="127.0.0.1", port=p, metrics_port=None)
+        )
+
+    retry = RetryPolicy(max_attempts=8, initial_backoff=0.2, max_backoff=2.0)
+    async with AsyncClient(f"127.0.0.1:{port}", retry=retry, on_retry=bring_it_up) as client:
+        result = await client.generate(token_ids=PROMPT, max_new_tokens=4, ignore_eos=True)
+        assert len(result.token_ids) == 4
+        assert client.retries >= 1
+    await started[0].channel.close()
+    await started[0].server.drain()
+
+
+async def test_no_retry_once_a_token_has_arrived(served: Served) -> None:
+    retry = RetryPolicy(max_attempts=5, initial_backoff=0.05)
+    async with AsyncClient(served.target, retry=retry) as client:
+        stream = client.stream(token_ids=PROMPT, max_new_tokens=240, ignore_eos=True)
+        tokens = 0
+        with pytest.raises(TreadleClientError):
+            async for event in stream:
+                if isinstance(event, TokenChunk):
+                    tokens += 1
+                    if tokens == 2:  # the server goes away mid-answer
+                        assert served.server._server is not None
+                        await served.server._server.stop(grace=None)
+        assert tokens >= 2
+        assert client.retries == 0
+
+
+async def test_round_robin_spreads_over_replicas_and_survives_one_stopping(
+    tokenizer: object,
+) -> None:
+    servers = [
+        await start_served(
+            make_tiny_model(tokenizer), EngineConfig(max_batch_rows=4, max_seq_len=256)
+        )
+        for _ in range(2)
+    ]
+    targets = [s.target for s in servers]
+
+    def finished(s: Served) -> float:
+        return s.metrics().get("treadle_requests_finished_total{reason=length}", 0.0)
+
+    try:
+        async with AsyncClient(targets, retry=RetryPolicy(max_attempts=6)) as client:
+            # round_robin connects to every replica; until both are connected it uses the
+            # ones that are. Sequential calls see both join (bounded).
+            for _ in range(50):
+                await client.generate(token_ids=PROMPT, max_new_tokens=1)
+                if min(finished(s) for s in servers) >= 2:  # a warm-up and one of ours each
+                    break
+            before = [finished(s) for s in servers]
+            await asyncio.gather(
+                *(
+                    client.generate(token_ids=PROMPT, max_new_tokens=3, ignore_eos=True)
+                    for _ in range(20)
+                )
+            )
+            counts = [finished(s) - b for s, b in zip(servers, before, strict=True)]
+            assert sum(counts) == 20
+            assert min(counts) >= 5, counts  # both replicas took a share
+
+            await servers[0].server.drain()
+            results = await asyncio.gather(
+                *(
+                    client.generate(token_ids=PROMPT, max_new_tokens=3, ignore_eos=True)
+                    for _ in range(10)
+                )
+            )
+            assert all(len(r.token_ids) == 3 for r in results)
+            assert finished(servers[1]) == before[1] + counts[1] + 10
+    finally:
+        for s in servers:
+            await s.channel.close()
+        await servers[1].server.drain()
+
+
+async def test_model_info_sets_the_client_side_limits(served: Served) -> None:
+    async with AsyncClient(served.target) as client:
+        info = await client.model_info()
+        assert info.max_total_tokens == 256 and "phrase_boost" in info.plugins
+        assert client.limits is not None and client.limits.max_stop_strings == 16
+        with pytest.raises(InvalidArgument) as caught:
+            await client.generate("hi", stop=["x"] * 17)
+        assert caught.value.code is None  # refused before sending
+        assert await client.tokenize("Hello world") == list(
+            (await served.stub.Tokenize(pb.TokenizeRequest(prompt="Hello world"))).token_ids
+        )

@@ -1,0 +1,291 @@
+"""The gRPC benchmark (bench/grpc_bench.py): schedules, clients, accounting, reports, the server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `bench`
+
+from e2e.served import start_served
+from helpers import make_tiny_model
+
+from bench.arrivals import observed_rate, poisson_arrivals
+from bench.grpc_bench import main, run_grpc_runs
+from bench.grpc_client import check_finish, grpc_stream
+from bench.grpc_settings import GrpcSettings
+from bench.progress import Progress
+from bench.run_result import BenchmarkError, RunResult
+from bench.server_process import serve_command, server_env, start_server
+from bench.streamed_runs import run_closed_loop, run_open_loop
+from bench.traces import StreamFn, Trace, percentiles
+from bench.workload import WorkItem, Workload, load_workload
+from treadle.scheduler.engine import EngineConfig
+from treadle.v1 import treadle_pb2 as pb
+from treadle.worker.loader import LoadedModel
+
+BUDGETS = [3, 7, 2, 5, 4]
+
+
+def write_workload(tmp_path: Path, budgets: list[int]) -> Path:
+    requests = [
+        {
+            "id": f"t-{i}",
+            "messages": [{"role": "user", "content": "word " * (3 + 4 * i) + "?"}],
+            "max_new_tokens": budget,
+        }
+        for i, budget in enumerate(budgets)
+    ]
+    path = tmp_path / "w1.json"
+    path.write_text(json.dumps({"requests": requests}))
+    return path
+
+
+@pytest.fixture
+def workload(tmp_path: Path, tokenizer: Any) -> Workload:
+    return load_workload(write_workload(tmp_path, BUDGETS), tokenizer)
+
+
+def quiet() -> Progress:
+    return Progress(io.StringIO(), interval_s=3600)
+
+
+def ignore(result: RunResult) -> None:
+    pass
+
+
+# -- the schedule and the figures ------------------------------------------------------------
+def test_poisson_arrivals_are_seeded_increasing_and_at_the_rate() -> None:
+    arrivals = poisson_arrivals(20_000, rate=4.0, seed=7)
+    assert arrivals == poisson_arrivals(20_000, rate=4.0, seed=7)
+    assert arrivals[:5] != poisson_arrivals(5, rate=4.0, seed=8)
+    assert observed_rate(len(arrivals), arrivals[-1]) == pytest.approx(4.0, rel=0.03)
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *arrivals])]
+    assert min(gaps) > 0  # increasing, from after the start
+    # exponential gaps: the standard deviation equals the mean
+    assert statistics.stdev(gaps) / statistics.mean(gaps) == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="rate"):
+        poisson_arrivals(3, rate=0.0, seed=0)
+
+
+def test_trace_figures_count_a_multi_token_event_as_one_gap() -> None:
+    trace = Trace(0, sent=10.0, chunks=((10.5, 1), (10.7, 2), (11.0, 1)), done=11.25)
+    assert trace.tokens == 4
+    assert trace.ttft_s == pytest.approx(0.5)
+    assert trace.gaps_s == pytest.approx([0.2, 0.3])
+    assert trace.tpot_s == pytest.approx(0.5 / 3)
+    assert trace.e2e_s == pytest.approx(1.25)
+    assert Trace(1, 0.0, (), 1.0).ttft_s is None
+
+
+def test_percentiles_interpolate_linearly() -> None:
+    assert percentiles([float(v) for v in range(1, 101)]) == {"p50": 50.5, "p99": 99.01}
+    assert percentiles([0.25]) == {"p50": 0.25, "p99": 0.25}
+    assert percentiles([]) == {}
+
+
+def test_a_finish_other_than_length_fails_the_request() -> None:
+    item = WorkItem("r", (), max_new_tokens=4)
+    usage = pb.Usage(generated_tokens=4)
+    check_finish(item, pb.Finish(reason=pb.FINISH_REASON_LENGTH, usage=usage))
+    with pytest.raises(BenchmarkError, match="FINISH_REASON_EOS"):
+        check_finish(item, pb.Finish(reason=pb.FINISH_REASON_EOS, usage=usage))
+    with pytest.raises(BenchmarkError, match="3 tokens generated"):
+        check_finish(
+            item, pb.Finish(reason=pb.FINISH_REASON_LENGTH, usage=pb.Usage(generated_tokens=3))
+        )
+    with pytest.raises(BenchmarkError, match="without a Finish"):
+        check_finish(item, None)
+
+
+# -- the clients, on a fake stream ------------------------------------------------------------
+def counting_stream(short: str | None = None) -> tuple[StreamFn, dict[str, Any]]:
+    """A stream that answers at once, one token per event; `short` gets one token too few."""
+    seen: dict[str, Any] = {"sent": {}, "open": 0, "most_open": 0}
+
+    async def stream(item: WorkItem) -> AsyncIterator[int]:
+        seen["sent"][item.id] = time.perf_counter()
+        seen["open"] += 1
+        seen["most_open"] = max(seen["most_open"], seen["open"])
+        for _ in range(item.max_new_tokens - (item.id == short)):
+            await asyncio.sleep(0)  # let the other clients run
+            yield 1
+        seen["open"] -= 1
+
+    return stream, seen
+
+
+async def test_closed_loop_keeps_exactly_its_clients_busy(workload: Workload) -> None:
+    stream, seen = counting_stream()
+    result = await run_closed_loop("w1_fake", stream, workload, clients=2, progress=quiet())
+    assert seen["most_open"] == 2
+    assert (result.requests, result.useful_tokens) == (len(BUDGETS), sum(BUDGETS))
+    assert result.details["token_events"] == sum(BUDGETS)
+    stream, _ = counting_stream(short="t-3")
+    with pytest.raises(BenchmarkError, match="tokens of t-3: got 4, expected 5"):
+        await run_closed_loop("w1_fake", stream, workload, clients=2, progress=quiet())
+
+
+async def test_open_loop_sends_on_schedule_whatever_is_still_running(workload: Workload) -> None:
+    all_sent = asyncio.Event()
+    sent: dict[str, float] = {}
+
+    async def stream(item: WorkItem) -> AsyncIterator[int]:
+        sent[item.id] = time.perf_counter()
+        if len(sent) == len(workload.items):
+            all_sent.set()
+        await all_sent.wait()  # nothing ends before the last request is sent: open loop
+        yield item.max_new_tokens
+
+    rate, seed = 100.0, 3
+    async with asyncio.timeout(20):
+        result = await run_open_loop("w2_fake", stream, workload, rate, seed, quiet())
+    arrivals = poisson_arrivals(len(BUDGETS), rate, seed)
+    times = [sent[item.id] for item in workload.items]
+    for i in range(1, len(times)):  # never early; the offsets follow the schedule
+        assert times[i] - times[0] >= arrivals[i] - arrivals[0] - 0.002
+    assert result.useful_tokens == sum(BUDGETS)
+    assert result.details["target_rate_rps"] == rate
+    assert result.details["scheduled_rate_rps"] == pytest.approx(
+        observed_rate(len(arrivals), arrivals[-1]), abs=1e-4
+    )
+    assert result.details["send_lag_s"]["max"] < 1.0
+    assert result.details["multi_token_events"] == sum(1 for b in BUDGETS if b > 1)
+
+
+# -- through a real gRPC server -----------------------------------------------------------
+async def test_w1_and_w2_over_grpc_account_for_every_token(
+    tiny: LoadedModel, workload: Workload
+) -> None:
+    settings = GrpcSettings(clients=3, max_batch_rows=4, max_seq_len=128, prefill_token_budget=64)
+    served = await start_served(tiny, settings.engine_config())
+    seen: list[str] = []
+    try:
+        w1, w2 = await run_grpc_runs(
+            served.channel, workload, settings, tiny.name, quiet(), lambda r: seen.append(r.name)
+        )
+        metrics = served.metrics()
+        with pytest.raises(BenchmarkError, match="INVALID_ARGUMENT"):  # a budget beyond the row
+            too_long = WorkItem("long", workload.items[0].messages, max_new_tokens=1000)
+            async for _ in grpc_stream(served.stub)(too_long):
+                pass
+    finally:
+        await served.channel.close()
+        await served.server.drain()
+
+    assert seen == ["w1_grpc", "w2_grpc"]
+    for run in (w1, w2):
+        assert (run.requests, run.useful_tokens) == (len(BUDGETS), sum(BUDGETS))
+        assert run.details["token_events"] >= len(BUDGETS)
+        assert 0 < run.details["ttft_s"]["p50"] <= run.details["e2e_s"]["p99"]
+        assert run.details["itl_s"]["p99"] > 0
+    assert w2.details["target_rate_rps"] == pytest.approx(0.7 * w1.requests / w1.wall_s, abs=1e-4)
+    # the server generated both runs, plus its own 2-token warm-up and the bench's
+    assert metrics["treadle_generated_tokens_total"] == 2 * sum(BUDGETS) + 2 + 2
+    assert metrics["treadle_requests_finished_total{reason=length}"] == 2 * len(BUDGETS) + 2
+
+
+async def test_the_bench_checks_the_model_the_server_serves(
+    tiny: LoadedModel, workload: Workload
+) -> None:
+    settings = GrpcSettings(clients=2, max_batch_rows=4, max_seq_len=128)
+    served = await start_served(tiny, settings.engine_config())
+    try:
+        with pytest.raises(BenchmarkError, match="serves 'tiny-llama'"):
+            await run_grpc_runs(served.channel, workload, settings, "other", quiet(), ignore)
+        wrong_rows = GrpcSettings(clients=2, max_batch_rows=8, max_seq_len=128)
+        with pytest.raises(BenchmarkError, match="runs 4 rows"):
+            await run_grpc_runs(served.channel, workload, wrong_rows, tiny.name, quiet(), ignore)
+    finally:
+        await served.channel.close()
+        await served.server.drain()
+
+
+# -- the server as a process ----------------------------------------------------------------
+def test_serve_command_passes_every_engine_setting_and_drops_treadle_env() -> None:
+    config = EngineConfig(max_batch_rows=8, max_seq_len=200, prefill_token_budget=96)
+    command = serve_command(config, "/m", None)
+    flags = dict(zip(command[4::2], command[5::2], strict=True))
+    assert command[1:4] == ["-m", "treadle.client.cli", "serve"]
+    assert flags["--port"] == "0" and flags["--host"] == "127.0.0.1"
+    assert (flags["--max-batch-rows"], flags["--max-seq-len"]) == ("8", "200")
+    assert (flags["--prefill-token-budget"], flags["--model"]) == ("96", "/m")
+    assert flags["--prefix-cache-rows"] == str(config.prefix_cache_rows)
+    env = server_env({"TREADLE_AUTH_TOKEN": "x", "TREADLE_CACHE_DIR": "/c", "PATH": "/b"}, 3)
+    assert env == {
+        "TREADLE_CACHE_DIR": "/c",
+        "PATH": "/b",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "3",
+    }
+
+
+FAKE_SERVER = """
+import signal
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+print("INFO treadle.server: listening on 127.0.0.1:4321 (plaintext)", flush=True)
+signal.sigwait([signal.SIGTERM])
+print("bye", flush=True)
+"""
+
+
+async def test_server_process_reads_its_port_and_stops_on_sigterm() -> None:
+    log = io.StringIO()
+    command = [sys.executable, "-c", FAKE_SERVER]
+    server = await start_server(command, {}, Progress(log, interval_s=3600), timeout_s=30)
+    assert server.target == "127.0.0.1:4321"
+    assert await server.stop(timeout_s=30) == 0  # it exits 0 only on SIGTERM
+    assert "bye" in server.tail()
+    assert "server: bye" in log.getvalue()  # its log went to the progress stream
+
+
+async def test_a_server_that_dies_before_listening_fails_with_its_log() -> None:
+    command = [sys.executable, "-c", "print('no model here'); raise SystemExit(3)"]
+    with pytest.raises(BenchmarkError, match="no model here"):
+        await start_server(command, {}, quiet(), timeout_s=30)
+
+
+def test_the_whole_run_against_treadle_serve(
+    tmp_path: Path, tokenizer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = tmp_path / "tiny"
+    make_tiny_model(tokenizer).model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "results"
+    argv = ["--model", str(model_dir), "--workload", str(write_workload(tmp_path, BUDGETS))]
+    argv += ["--out", str(out), "--clients", "2", "--max-batch-rows", "4"]
+    argv += ["--max-seq-len", "128", "--prefill-token-budget", "64", "--server-timeout", "120"]
+
+    assert main(argv) == 0
+
+    report = json.loads((out / "grpc-latest.json").read_text())
+    stamped = [p.name for p in out.glob("grpc-2*")]
+    assert len(stamped) == 2 and {Path(p).suffix for p in stamped} == {".json", ".md"}
+    assert list(report["runs"]) == ["w1_inprocess", "w1_grpc", "w2_grpc", "w2_inprocess"]
+    assert all(r["useful_tokens"] == sum(BUDGETS) for r in report["runs"].values())
+    assert report["server"]["exit_code"] == 0
+    assert "--max-batch-rows" in report["server"]["command"]
+    ratio = (
+        report["runs"]["w1_grpc"]["tokens_per_s"] / report["runs"]["w1_inprocess"]["tokens_per_s"]
+    )
+    assert report["ratios"]["w1_grpc/w1_inprocess"] == pytest.approx(ratio, rel=1e-3)
+    goal = report["goals"][0]
+    assert goal["value"] == report["ratios"]["w1_grpc/w1_inprocess"]
+    assert goal["met"] is (goal["value"] >= 0.9)
+    w2 = report["runs"]["w2_grpc"]
+    assert report["runs"]["w2_inprocess"]["target_rate_rps"] == w2["target_rate_rps"]
+    assert report["environment"]["torch_threads"] >= 1
+    printed = capsys.readouterr().out
+    assert printed == (out / "grpc-latest.md").read_text()
+    assert f"| w2_grpc | 5 | {sum(BUDGETS)} |" in printed
+    assert "W1 over gRPC >= 0.90x in-process" in printed
