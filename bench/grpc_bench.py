@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import grpc
 import torch
 
+from bench.cli_args import common_parser
 from bench.environment import environment
 from bench.grpc_client import check_server, grpc_stream, wait_serving, warm_up
 from bench.grpc_report import build_grpc_report, render_grpc_markdown, write_grpc_report
@@ -39,7 +40,7 @@ from bench.run_result import BenchmarkError, RunResult
 from bench.server_process import serve_command, server_env, start_server
 from bench.streamed_runs import run_closed_loop, run_open_loop
 from bench.treadle_run import run_treadle, run_treadle_open_loop
-from bench.workload import Workload, default_workload_path, load_workload
+from bench.workload import Workload, load_workload
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 from treadle.worker.loader import LoadedModel, load_model
 
@@ -131,40 +132,9 @@ async def run_served(
     return code
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = GrpcSettings()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    ap.add_argument("--requests", type=int, default=None, help="first N requests; None: all")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
-    ap.add_argument("--model", default=None, help="load_model spec; None: the embedded SmolLM2")
-    ap.add_argument("--device", default=None, help="None: cuda if available, else cpu")
-    ap.add_argument(
-        "--workload", type=Path, default=default_workload_path(REPO), help="the W1 requests"
-    )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads, here and in the server (OMP_NUM_THREADS); None: torch's own",
-    )
-    ap.add_argument(
-        "--no-warmup", action="store_true", help="skip the untimed warmup request before each run"
-    )
-    ap.add_argument(
-        "--progress-interval", type=float, default=10.0, help="seconds between token counts"
-    )
-    ap.add_argument("--clients", type=int, default=d.clients, help="W1's closed-loop clients")
-    ap.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows, help="engine KV rows")
-    ap.add_argument(
-        "--max-seq-len", type=int, default=d.max_seq_len, help="engine KV positions per row"
-    )
-    ap.add_argument(
-        "--prefill-token-budget", type=int, default=d.prefill_token_budget, help="engine setting"
-    )
+    ap = common_parser(__doc__, REPO, d)
     ap.add_argument(
         "--load", type=float, default=d.load, help="W2's arrival rate over the W1 gRPC capacity"
     )

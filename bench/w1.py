@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import torch
 
 from bench.ceiling import run_ceiling
+from bench.cli_args import common_parser
 from bench.environment import environment
 from bench.hf_cb import run_transformers_cb
 from bench.hf_generate import run_generate_single, run_generate_static
@@ -32,7 +33,7 @@ from bench.report import build_report, render_markdown, write_report
 from bench.run_result import RunResult
 from bench.settings import RUN_KEYS, W1Settings
 from bench.treadle_run import run_treadle
-from bench.workload import Workload, default_workload_path, load_workload
+from bench.workload import Workload, load_workload
 from treadle.worker.loader import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,15 +114,9 @@ def run_w1(
     return results
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = W1Settings()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    ap.add_argument("--requests", type=int, default=None, help="first N requests; None: all")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
+    ap = common_parser(__doc__, REPO, d)
     ap.add_argument(
         "--skip",
         nargs="+",
@@ -129,28 +124,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="RUN",
         help=f"runs to leave out: {', '.join(RUN_KEYS)}",
-    )
-    ap.add_argument("--model", default=None, help="load_model spec; None: the embedded SmolLM2")
-    ap.add_argument("--device", default=None, help="None: cuda if available, else cpu")
-    ap.add_argument(
-        "--workload", type=Path, default=default_workload_path(REPO), help="the W1 requests"
-    )
-    ap.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads; None: torch's own"
-    )
-    ap.add_argument(
-        "--no-warmup", action="store_true", help="skip the untimed warmup call before each run"
-    )
-    ap.add_argument(
-        "--progress-interval", type=float, default=10.0, help="seconds between token counts"
-    )
-    ap.add_argument("--clients", type=int, default=d.clients, help="treadle's closed-loop clients")
-    ap.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows, help="engine KV rows")
-    ap.add_argument(
-        "--max-seq-len", type=int, default=d.max_seq_len, help="engine KV positions per row"
-    )
-    ap.add_argument(
-        "--prefill-token-budget", type=int, default=d.prefill_token_budget, help="engine setting"
     )
     ap.add_argument(
         "--single-requests", type=int, default=d.single_requests, help="generate_single's first N"

@@ -45,3 +45,11 @@ async def served(tiny: LoadedModel) -> Any:
     yield s
     await s.channel.close()
     await s.server.drain()
+
+
+@pytest.fixture
+def workload(tmp_path: Path, tokenizer: Any) -> Any:
+    """A five-request W1-shaped workload for the benchmark harness tests."""
+    from bench_workload import small_workload
+
+    return small_workload(tmp_path, tokenizer)

@@ -13,6 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `bench`
 
+from bench_workload import BUDGETS
+
 from bench.ceiling import ceiling_prefill_len
 from bench.goals import check_goals
 from bench.progress import Progress
@@ -21,30 +23,9 @@ from bench.run_result import BenchmarkError
 from bench.settings import W1Settings
 from bench.treadle_run import Outcome, check_outcomes
 from bench.w1 import run_w1
-from bench.workload import Workload, load_workload, mean_decode_context
+from bench.workload import Workload, mean_decode_context
 from treadle.scheduler.events import FinishEvent, FinishReason, Usage
 from treadle.worker.loader import LoadedModel
-
-BUDGETS = [3, 7, 2, 5, 4]
-
-
-def write_workload(tmp_path: Path, budgets: list[int]) -> Path:
-    requests = [
-        {
-            "id": f"t-{i}",
-            "messages": [{"role": "user", "content": "word " * (3 + 4 * i) + "?"}],
-            "max_new_tokens": budget,
-        }
-        for i, budget in enumerate(budgets)
-    ]
-    path = tmp_path / "w1.json"
-    path.write_text(json.dumps({"requests": requests}))
-    return path
-
-
-@pytest.fixture
-def workload(tmp_path: Path, tokenizer: Any) -> Workload:
-    return load_workload(write_workload(tmp_path, BUDGETS), tokenizer)
 
 
 def test_mean_decode_context_weights_each_generated_token() -> None:

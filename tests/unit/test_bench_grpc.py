@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `bench`
 
+from bench_workload import BUDGETS, write_workload
 from e2e.served import start_served
 from helpers import make_tiny_model
 
@@ -29,31 +30,10 @@ from bench.run_result import BenchmarkError, RunResult
 from bench.server_process import serve_command, server_env, start_server
 from bench.streamed_runs import run_closed_loop, run_open_loop
 from bench.traces import StreamFn, Trace, percentiles
-from bench.workload import WorkItem, Workload, load_workload
+from bench.workload import WorkItem, Workload
 from treadle.scheduler.engine import EngineConfig
 from treadle.v1 import treadle_pb2 as pb
 from treadle.worker.loader import LoadedModel
-
-BUDGETS = [3, 7, 2, 5, 4]
-
-
-def write_workload(tmp_path: Path, budgets: list[int]) -> Path:
-    requests = [
-        {
-            "id": f"t-{i}",
-            "messages": [{"role": "user", "content": "word " * (3 + 4 * i) + "?"}],
-            "max_new_tokens": budget,
-        }
-        for i, budget in enumerate(budgets)
-    ]
-    path = tmp_path / "w1.json"
-    path.write_text(json.dumps({"requests": requests}))
-    return path
-
-
-@pytest.fixture
-def workload(tmp_path: Path, tokenizer: Any) -> Workload:
-    return load_workload(write_workload(tmp_path, BUDGETS), tokenizer)
 
 
 def quiet() -> Progress:
