@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .plan import RowMove
@@ -51,10 +52,8 @@ class SlotKVCache:
     def __init__(self, shape: KVShape, dtype: torch.dtype, device: torch.device) -> None:
         self.shape = shape
         dims = (shape.layers, shape.rows, shape.kv_heads, shape.max_len, shape.head_dim)
-        # Zero-filled: positions past a row's length are masked in attention, and
-        # masked zeros (unlike uninitialised memory) can never turn into NaN.
-        self.keys = torch.zeros(dims, dtype=dtype, device=device)  # [L, R, KVH, max_len, Dh]
-        self.values = torch.zeros(dims, dtype=dtype, device=device)  # [L, R, KVH, max_len, Dh]
+        self.keys = _zeros(dims, dtype, device)  # [L, R, KVH, max_len, Dh]
+        self.values = _zeros(dims, dtype, device)  # [L, R, KVH, max_len, Dh]
 
     @property
     def nbytes(self) -> int:
@@ -81,3 +80,21 @@ class SlotKVCache:
         for m in moves:
             self.keys[:, m.dst, :, : m.length] = self.keys[:, m.src, :, : m.length]
             self.values[:, m.dst, :, : m.length] = self.values[:, m.src, :, : m.length]
+
+
+def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled buffer. Zeros matter: positions past a row's length are masked in
+    attention, and masked zeros (unlike uninitialised memory) can never turn into NaN.
+
+    On the CPU the buffer comes from calloc (through numpy), so the operating system
+    hands out zero pages only as rows are first written: start-up is instant and
+    resident memory grows with the tokens actually held, up to the configured size.
+    """
+    if device.type == "cpu":
+        try:
+            np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        except TypeError:  # no numpy equivalent (bfloat16)
+            np_dtype = None
+        if np_dtype is not None:
+            return torch.from_numpy(np.zeros(dims, dtype=np_dtype))
+    return torch.zeros(dims, dtype=dtype, device=device)
