@@ -58,9 +58,14 @@ async def with_retries(
         try:
             return await attempt()
         except TreadleClientError as exc:
-            if exc.code not in RETRYABLE or n == policy.max_attempts:
+            if not is_transient(exc) or n == policy.max_attempts:
                 raise
             if on_retry is not None:
                 on_retry(n, exc)
             await asyncio.sleep(policy.backoff(n, rng))
     raise AssertionError("unreachable")
+
+
+def is_transient(error: TreadleClientError) -> bool:
+    """A refusal that may pass: not a message over the server's size limit, which stays so."""
+    return error.code in RETRYABLE and "larger than max" not in error.message

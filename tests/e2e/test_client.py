@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
+import grpc
 import pytest
 from e2e.served import Served, greedy, start_served
 from helpers import make_tiny_model
+from tls_certs import make_tls
 
 from treadle.client import (
     AsyncClient,
     Client,
     FinishReason,
     InvalidArgument,
+    Overloaded,
     RetryPolicy,
+    TlsConfig,
     TokenChunk,
     TreadleClientError,
+    Unauthenticated,
     Unavailable,
 )
 from treadle.scheduler.engine import EngineConfig
@@ -235,3 +241,47 @@ async def test_model_info_sets_the_client_side_limits(served: Served) -> None:
         assert await client.tokenize("Hello world") == list(
             (await served.stub.Tokenize(pb.TokenizeRequest(prompt="Hello world"))).token_ids
         )
+
+
+async def test_tls_token_and_metadata_through_the_sdk(tiny: LoadedModel, tmp_path: Path) -> None:
+    tls = make_tls(tmp_path)
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        tls_cert=tls.server_cert,
+        tls_key=tls.server_key,
+        tls_client_ca=tls.client_ca,
+        auth_token="s3cret",
+    )
+    grpc_creds = grpc.ssl_channel_credentials(tls.ca.cert, tls.client.key, tls.client.cert)
+    s = await start_served(tiny, server_config=config, credentials=grpc_creds)
+    good = TlsConfig(tls.ca.cert, tls.client.cert, tls.client.key, server_name="localhost")
+    try:
+        async with AsyncClient(
+            s.target, tls=good, token="s3cret", metadata=[("x-team", "search")]
+        ) as client:
+            result = await client.generate(token_ids=PROMPT, max_new_tokens=3, ignore_eos=True)
+            assert len(result.token_ids) == 3
+        async with AsyncClient(s.target, tls=good, retry=RetryPolicy.off()) as client:
+            with pytest.raises(Unauthenticated):
+                await client.generate(token_ids=PROMPT, max_new_tokens=3)
+            assert await client.health() == "SERVING"  # health needs no token
+    finally:
+        await s.channel.close()
+        await s.server.drain()
+
+
+async def test_oversized_requests_are_refused(tiny: LoadedModel) -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=None, max_request_bytes=2048)
+    s = await start_served(tiny, server_config=config)
+    try:
+        async with AsyncClient(s.target) as client:
+            with pytest.raises(Overloaded) as info:
+                await client.generate("word " * 2000, max_new_tokens=2)
+            assert client.retries == 0  # too large stays too large: not retried
+            assert "2048" in info.value.message or "larger than max" in info.value.message
+            assert len((await client.generate("short", max_new_tokens=2)).token_ids) == 2
+    finally:
+        await s.channel.close()
+        await s.server.drain()
