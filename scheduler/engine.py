@@ -15,14 +15,13 @@ request gets exactly one terminal event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ..client.limits import RequestLimits
@@ -313,13 +312,3 @@ class Engine:
 
 def _with_id(gen: GenerationRequest, request_id: str) -> GenerationRequest:
     return dataclasses.replace(gen, request_id=request_id)
-
-
-@contextlib.contextmanager
-def running(engine: Engine, grace: float = 0.0) -> Iterator[Engine]:
-    """Start `engine` for the duration of a with-block."""
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop(grace)
