@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+HEALTH_SERVICE = "treadle.v1.Generation"
+
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -48,7 +50,11 @@ class Connection:
         return "ipv4:" + ",".join(_ipv4(t) for t in self.target)
 
     def channel_options(self) -> list[tuple[str, int | str]]:
-        config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+        config: dict[str, object] = {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            # skip replicas whose health is not SERVING (loading or draining)
+            "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
+        }
         options: list[tuple[str, int | str]] = [("grpc.service_config", json.dumps(config))]
         if self.tls is not None and self.tls.server_name:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))

@@ -149,6 +149,10 @@ class Engine:
         self._accepting = True
         self._thread.start()
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests (EngineUnavailableError); those in flight go on."""
+        self._accepting = False
+
     def stop(self, grace: float = 0.0, timeout: float = 30.0) -> None:
         """Stop accepting; let running requests finish for `grace` seconds; cancel the rest.
 

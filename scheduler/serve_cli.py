@@ -115,6 +115,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "itself may be given in TREADLE_AUTH_TOKEN instead [TREADLE_AUTH_TOKEN_FILE]",
     )
     p.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=_env("TREADLE_MAX_CONNECTION_AGE", 300.0, float),
+        help="seconds after which a client connection is closed gracefully, so clients "
+        "re-resolve and spread over new replicas; 0 = never [TREADLE_MAX_CONNECTION_AGE]",
+    )
+    p.add_argument(
         "--max-request-bytes",
         type=int,
         default=_env("TREADLE_MAX_REQUEST_BYTES", 4 * 2**20, int),

@@ -99,4 +99,5 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=token,
+        max_connection_age=args.max_connection_age or None,
     )

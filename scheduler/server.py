@@ -52,6 +52,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # CA for client certificates: enables mutual TLS
     auth_token: str | None = None  # bearer token required on every call but health
+    max_connection_age: float | None = 300.0  # seconds; clients then reconnect and re-resolve
 
 
 class TreadleServer:
@@ -75,10 +76,7 @@ class TreadleServer:
         )
         server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", self.config.max_request_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=self._options(),
         )
         pb_grpc.add_GenerationServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -121,6 +119,8 @@ class TreadleServer:
 
     async def drain(self) -> None:
         """Stop taking requests, let running ones finish (grace period), then stop."""
+        if self.engine is not None:
+            self.engine.stop_accepting()  # first: nothing is admitted once NOT_SERVING shows
         await self._set_health(NOT_SERVING)
         if self.engine is not None:
             log.info("draining: %d requests in flight", self.engine.num_in_flight)
@@ -137,6 +137,19 @@ class TreadleServer:
             await self._server.wait_for_termination()
 
     # -- helpers ------------------------------------------------------------------------
+    def _options(self) -> list[tuple[str, int]]:
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_request_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
+        ]
+        if self.config.max_connection_age:
+            # Clients reconnect after this long (streams in progress finish first) and so
+            # re-resolve a dns:/// target: new replicas get their share of old clients.
+            options.append(
+                ("grpc.max_connection_age_ms", int(self.config.max_connection_age * 1000))
+            )
+        return options
+
     async def _set_health(self, status: Any) -> None:
         for name in ("", *service_names()):
             await self.health.set(name, status)

@@ -1,0 +1,234 @@
+"""The container images' recipes: linted, consistent with the build context and the pods, and
+their entrypoint run outside a container the way a pod runs it (no Docker engine here)."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy.support import (
+    DOCKERFILES,
+    REPO,
+    VENV_BIN,
+    Rendered,
+    ServeProcess,
+    config_env,
+    parse_dockerfile,
+    server_container,
+    tool,
+)
+
+from treadle.client import AsyncClient
+
+
+def hadolint(dockerfile: Path, home: Path) -> tuple[int, list[dict[str, Any]]]:
+    """hadolint's findings at every level (style and info included), without user config."""
+    out = subprocess.run(
+        [tool("hadolint"), "--format", "json", "--failure-threshold", "style", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=home,
+        env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home)},
+    )
+    return out.returncode, json.loads(out.stdout or "[]")
+
+
+@pytest.mark.parametrize("image", list(DOCKERFILES))
+def test_dockerfile_passes_hadolint(image: str, tmp_path: Path) -> None:
+    code, findings = hadolint(DOCKERFILES[image], tmp_path)
+    assert findings == [] and code == 0, findings
+    lines = DOCKERFILES[image].read_text().splitlines()
+    for i, line in enumerate(lines):  # every rule switched off says why, just above
+        if "hadolint ignore=" in line:
+            rule = line.split("=", 1)[1].strip()
+            assert lines[i - 1].startswith("#") and rule in lines[i - 1], line
+
+
+def test_hadolint_does_catch_mistakes(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install requests\nENTRYPOINT treadle serve\n")
+    code, findings = hadolint(bad, tmp_path)
+    assert code != 0
+    assert {"DL3006", "DL3013", "DL3025"} <= {f["code"] for f in findings}
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (last match wins; a
+    pattern that matches a folder covers what is inside it)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.removeprefix("!").rstrip("/")
+        if pattern.startswith("**/"):
+            hit = any(fnmatch.fnmatch(part, pattern[3:]) for part in parts)
+        else:
+            hit = any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes)
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def test_build_context_holds_what_the_images_copy() -> None:
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    context = [f for f in files if (REPO / f).is_file() and not dockerignored(f, patterns)]
+    assert not any(f.startswith(("tests/", "bench/", "deploy/", ".git/")) for f in context)
+    assert not any("__pycache__" in f for f in context)
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    needed = [pyproject["project"]["readme"], "pyproject.toml"]
+    needed += pyproject["tool"]["setuptools"]["package-dir"].values()  # every package's source
+    for name, path in DOCKERFILES.items():
+        build = parse_dockerfile(path)[0]
+        sources = [
+            src.rstrip("/")
+            for words in build.copies
+            if not any(w.startswith("--from") for w in words)
+            for src in words[:-1]
+        ]
+        for src in sources:  # everything copied is in the context
+            assert any(f == src or f.startswith(src + "/") for f in context), f"{name}: {src}"
+        for item in needed:  # everything the install needs is copied
+            assert any(item == s or item.startswith(s + "/") for s in sources), f"{name}: {item}"
+
+
+def test_images_agree_with_each_other_and_with_the_pods(rendered: Rendered) -> None:
+    cpu_build, cpu = parse_dockerfile(DOCKERFILES["cpu"])
+    cuda_build, cuda = parse_dockerfile(DOCKERFILES["cuda"])
+    for build, final in ((cpu_build, cpu), (cuda_build, cuda)):
+        # exec form: the server is PID 1 and gets SIGTERM itself (a shell would swallow it)
+        assert final.entrypoint == ["treadle", "serve"] and final.cmd == []
+        assert int(final.user.split(":")[0]) != 0
+        assert final.expose == [final.env["TREADLE_PORT"], final.env["TREADLE_METRICS_PORT"]]
+        # the model converted at build time is where the server looks for it at run time
+        cache = final.env["TREADLE_CACHE_DIR"]
+        assert build.env["TREADLE_CACHE_DIR"] == cache
+        assert any("converted_gguf(embedded_gguf_path())" in run for run in build.runs)
+        assert ["--from=build", cache, cache] in final.copies
+        venv = final.env["PATH"].split(":")[0]
+        assert ["--from=build", venv.removesuffix("/bin"), venv.removesuffix("/bin")] in (
+            final.copies
+        )
+        assert final.env["HF_HOME"].startswith(tuple(final.volumes))
+    treadle_env = {k: v for k, v in cpu.env.items() if k.startswith("TREADLE_")}
+    assert treadle_env.pop("TREADLE_DEVICE") == "cpu"
+    assert treadle_env == {k: v for k, v in cuda.env.items() if k.startswith("TREADLE_")}
+    # torch: the CPU wheel in the CPU image, a CUDA wheel in the other, each checked in the build
+    [cpu_torch] = [r for r in cpu_build.runs if "torch==" in r and "--index-url" in r]
+    assert "download.pytorch.org/whl/cpu" in cpu_torch
+    assert any("torch.version.cuda is not None" in r for r in cpu_build.runs)
+    [cuda_torch] = [r for r in cuda_build.runs if "torch==" in r and "--index-url" in r]
+    assert "download.pytorch.org/whl/cu" in cuda_torch
+    assert any("torch.version.cuda is None" in r for r in cuda_build.runs)
+    # the pods run the image's entrypoint as is
+    for overlay in ("cpu", "gpu"):
+        container = server_container(rendered(overlay))
+        assert "command" not in container and "args" not in container
+
+
+def test_model_conversion_of_the_image_build_runs(smol_dir: Path) -> None:
+    """The build's conversion command, against a cache where it was already done: it finds
+    the converted copy (the same one the server loads) without converting again."""
+    build = parse_dockerfile(DOCKERFILES["cpu"])[0]
+    [run] = [r for r in build.runs if "converted_gguf" in r]
+    program, flag, code = shlex.split(run)
+    assert (program, flag) == ("python", "-c")
+    before = {p: p.stat().st_mtime_ns for p in smol_dir.iterdir()}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TREADLE_CACHE_DIR": str(smol_dir.parents[1])},
+    )
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == smol_dir
+    assert "converting" not in out.stderr
+    assert {p: p.stat().st_mtime_ns for p in smol_dir.iterdir()} == before
+
+
+def pod_environment(image_env: dict[str, str], docs: list[dict[str, Any]]) -> dict[str, str]:
+    """What the container sees: the image's ENV, then the ConfigMap, then the pod's own env."""
+    env = dict(image_env) | config_env(docs)
+    container = server_container(docs)
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:  # the only kind the manifests use: a resource, e.g. the CPU request
+            ref = item["valueFrom"]["resourceFieldRef"]
+            kind, resource = ref["resource"].split(".")
+            quantity = container["resources"][kind][resource]
+            cores = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+            env[item["name"]] = str(math.ceil(cores / float(ref.get("divisor", "1"))))
+    return env
+
+
+async def test_entrypoint_serves_with_the_pods_environment(
+    rendered: Rendered, tiny_model_dirs: list[Path], tmp_path: Path
+) -> None:
+    """The image's ENTRYPOINT with the CPU pod's environment becomes SERVING, answers, exports
+    metrics, and drains on SIGTERM. Only the model, the addresses and the image's paths are
+    redirected to this machine."""
+    image = parse_dockerfile(DOCKERFILES["cpu"])[-1]
+    docs = rendered("cpu")
+    env = pod_environment(image.env, docs)
+    venv = env["PATH"].split(":")[0]
+    local = {
+        "PATH": env["PATH"].replace(venv, str(VENV_BIN), 1),
+        "TREADLE_HOST": "127.0.0.1",
+        "TREADLE_PORT": "0",
+        "TREADLE_METRICS_PORT": "0",
+        "TREADLE_CACHE_DIR": str(tmp_path / "cache"),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HOME": str(tmp_path),
+    }
+    assert set(local) <= set(env)  # redirected, not added
+    env |= local | {"TREADLE_MODEL": str(tiny_model_dirs[0])}
+    argv = image.entrypoint + image.cmd
+    assert Path(shutil.which(argv[0], path=env["PATH"]) or "").parent == VENV_BIN
+
+    server = await ServeProcess.start(argv, env, "entrypoint")
+    try:
+        await server.listening()
+        assert server.metrics_port
+        await server.wait_serving(timeout=120)
+        async with AsyncClient(server.target, timeout=60) as client:
+            result = await client.generate(token_ids=[101, 2045], max_new_tokens=4, ignore_eos=True)
+            assert len(result.token_ids) == 4
+            info = await client.model_info()
+            # the ConfigMap's settings took: KV positions (capped at the tiny model's context)
+            # and rows (running + prefix cache)
+            assert info.max_total_tokens == min(int(env["TREADLE_MAX_SEQ_LEN"]), 512)
+        rows = int(env["TREADLE_MAX_BATCH_ROWS"]) + int(env["TREADLE_PREFIX_CACHE_ROWS"])
+        await server.wait_log(rf"KV cache: {rows} rows")
+        server.proc.terminate()
+        async with asyncio.timeout(60):
+            assert await server.proc.wait() == 0
+        await server.wait_log(r"stopped")
+        assert not any("converting" in line for line in server.log)
+    finally:
+        await server.stop()
