@@ -65,7 +65,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                         token_ids=tokens,
                         text="".join(text),
                         logprobs=logprobs,
-                        finish=self.finish_message(event),
+                        finish=await self._call_finish(event, context),
                     )
         raise AssertionError("a request stream ended without its finish event")
 
@@ -78,7 +78,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if isinstance(event, TokenEvent):
                     yield pb.GenerateEvent(request_id=client_id, token=chunk_to_proto(event))
                 else:
-                    yield pb.GenerateEvent(request_id=client_id, finish=self.finish_message(event))
+                    finish = await self._call_finish(event, context)
+                    yield pb.GenerateEvent(request_id=client_id, finish=finish)
 
     async def Session(
         self, request_iterator: AsyncIterator[pb.SessionRequest], context: Any
@@ -149,6 +150,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.metrics.count_error(code.name)
         await context.abort(code, str(exc))
         raise AssertionError("context.abort returned")  # pragma: no cover
+
+    async def _call_finish(self, event: FinishEvent, context: Any) -> pb.Finish:
+        """The Finish of a one-request call; a passed deadline fails the call instead.
+
+        The engine holds the call's deadline too and may notice it a moment
+        before gRPC does: either way the caller sees DEADLINE_EXCEEDED.
+        """
+        finish = self.finish_message(event)
+        if finish_code(event) is grpc.StatusCode.DEADLINE_EXCEEDED:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, event.message or "")
+        return finish
 
     def finish_message(self, event: FinishEvent) -> pb.Finish:
         """The wire Finish of a request; counts errors and cancellations by code."""
