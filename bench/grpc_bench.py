@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +26,9 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
-import torch
 
+from bench.bench_start import start_bench
 from bench.cli_args import common_parser
-from bench.environment import environment
 from bench.grpc_client import check_server, grpc_stream, wait_serving, warm_up
 from bench.grpc_report import build_grpc_report, render_grpc_markdown, write_grpc_report
 from bench.grpc_settings import GrpcSettings
@@ -40,9 +37,9 @@ from bench.run_result import BenchmarkError, RunResult
 from bench.server_process import serve_command, server_env, start_server
 from bench.streamed_runs import run_closed_loop, run_open_loop
 from bench.treadle_run import run_treadle, run_treadle_open_loop
-from bench.workload import Workload, load_workload
+from bench.workload import Workload
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
-from treadle.worker.loader import LoadedModel, load_model
+from treadle.worker.loader import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,33 +170,13 @@ def settings_from(args: argparse.Namespace) -> GrpcSettings:
 def main(argv: list[str] | None = None) -> int:
     """Load the model and workload, run everything in order, write and print the report."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     settings = settings_from(args)
-    started = datetime.now(UTC)
-    progress = Progress(interval_s=args.progress_interval, label="grpc")
-    loaded = load_model(args.model, device=args.device)
-    workload = load_workload(args.workload, loaded.tokenizer, settings.requests)
-    progress.say(
-        f"{loaded.name} on {loaded.device}; {len(workload.items)} requests, "
-        f"{workload.useful_tokens:,} useful tokens"
-    )
+    command_line = sys.argv if argv is None else [__file__, *argv]
+    run = start_bench(args, settings, command_line, label="grpc")
+    started, progress, loaded, workload = run.started, run.progress, run.loaded, run.workload
     command = serve_command(settings.engine_config(), args.model, args.device)
     server: dict[str, Any] = {"command": command, "exit_code": None}
-    context: dict[str, Any] = {
-        "started": started,
-        "command": [sys.executable, *(sys.argv if argv is None else [__file__, *argv])],
-        "model": loaded.name,
-        "workload": workload.summary(),
-        "settings": {
-            **settings.as_dict(),
-            "device": str(loaded.device),
-            "dtype": str(loaded.dtype),
-        },
-        "environment": environment(),
-        "server": server,
-    }
+    context: dict[str, Any] = {**run.context, "server": server}
     results: dict[str, RunResult] = {}
 
     def record(result: RunResult) -> None:

@@ -11,21 +11,17 @@ bench/README.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 
+from bench.bench_start import start_bench
 from bench.ceiling import run_ceiling
 from bench.cli_args import common_parser
-from bench.environment import environment
 from bench.hf_cb import run_transformers_cb
 from bench.hf_generate import run_generate_single, run_generate_static
 from bench.progress import Progress
@@ -33,8 +29,8 @@ from bench.report import build_report, render_markdown, write_report
 from bench.run_result import RunResult
 from bench.settings import RUN_KEYS, W1Settings
 from bench.treadle_run import run_treadle
-from bench.workload import Workload, load_workload
-from treadle.worker.loader import LoadedModel, load_model
+from bench.workload import Workload
+from treadle.worker.loader import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,35 +159,15 @@ def settings_from(args: argparse.Namespace) -> W1Settings:
 def main(argv: list[str] | None = None) -> int:
     """Load the model and workload, run W1, write and print the report."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     settings = settings_from(args)
-    started = datetime.now(UTC)
-    progress = Progress(interval_s=args.progress_interval)
-    loaded = load_model(args.model, device=args.device)
-    workload = load_workload(args.workload, loaded.tokenizer, settings.requests)
-    progress.say(
-        f"{loaded.name} on {loaded.device}; {len(workload.items)} requests, "
-        f"{workload.useful_tokens:,} useful tokens"
-    )
-    context: dict[str, Any] = {
-        "started": started,
-        "command": [sys.executable, *sys.argv],
-        "model": loaded.name,
-        "workload": workload.summary(),
-        "settings": {
-            **settings.as_dict(),
-            "device": str(loaded.device),
-            "dtype": str(loaded.dtype),
-        },
-        "environment": environment(),
-    }
+    command = sys.argv if argv is None else [__file__, *argv]
+    run = start_bench(args, settings, command, label="w1")
+    started, progress, context = run.started, run.progress, run.context
 
     def save(results: dict[str, RunResult]) -> None:
         write_report(build_report(results, **context), args.out, started)
 
-    results = run_w1(loaded, workload, settings, progress, on_result=save)
+    results = run_w1(run.loaded, run.workload, settings, progress, on_result=save)
     report = build_report(results, **context)
     paths = write_report(report, args.out, started)
     progress.say(f"results: {', '.join(str(p) for p in paths)}")
