@@ -10,10 +10,14 @@ from bench.workload import default_workload_path
 
 
 class EngineDefaults(Protocol):
-    clients: int
-    max_batch_rows: int
-    max_seq_len: int
-    prefill_token_budget: int
+    @property
+    def clients(self) -> int: ...
+    @property
+    def max_batch_rows(self) -> int: ...
+    @property
+    def max_seq_len(self) -> int: ...
+    @property
+    def prefill_token_budget(self) -> int: ...
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -18,6 +18,7 @@ mkdir -p "$tc"
 for pkg in scheduler worker client; do ln -sfn "$root/$pkg" "$tc/$pkg"; done
 ln -sfn "$root/proto/treadle/v1" "$tc/v1"
 MYPYPATH="$root/.typecheck" "$bin/mypy" -p treadle.scheduler -p treadle.worker -p treadle.client
+"$bin/mypy" "$root/bench"
 
 echo "[tests] pytest" >&2
 "$bin/pytest" "$@"
