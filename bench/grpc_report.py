@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .goals import GRPC_GOALS, check_goals
-from .report import write_documents
+from .report import document, goal_lines, title_lines, write_documents
 from .run_result import RunResult
 
 RATIO = ("w1_grpc", "w1_inprocess")  # the frontend's cost: numerator over denominator
@@ -23,43 +23,22 @@ def frontend_ratio(results: dict[str, RunResult]) -> dict[str, float]:
 
 
 def build_grpc_report(
-    results: dict[str, RunResult],
-    *,
-    started: datetime,
-    command: list[str],
-    model: str,
-    workload: dict[str, Any],
-    settings: dict[str, Any],
-    environment: dict[str, Any],
-    server: dict[str, Any],
+    results: dict[str, RunResult], *, started: datetime, **header: Any
 ) -> dict[str, Any]:
-    """The whole JSON document of one gRPC run (runs in the order they ran)."""
+    """The whole JSON document of one gRPC run (runs in the order they ran).
+
+    `header`: command, model, workload, settings, server and environment.
+    """
     rates = frontend_ratio(results)
-    return {
-        "benchmark": "W1+W2 over gRPC",
-        "date_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": command,
-        "model": model,
-        "workload": workload,
-        "settings": settings,
-        "server": server,
-        "environment": environment,
-        "runs": {name: r.as_dict() for name, r in results.items()},
-        "ratios": {k: round(v, 4) for k, v in rates.items()},
-        "goals": check_goals(rates, GRPC_GOALS),
-    }
+    goals = check_goals(rates, GRPC_GOALS)
+    return document("W1+W2 over gRPC", results, rates, goals, started, header)
 
 
 def render_grpc_markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of `report`."""
-    env, wl, runs = report["environment"], report["workload"], report["runs"]
+    runs = report["runs"]
     lines = [
-        f"# W1 and W2 over gRPC, {report['date_utc']}",
-        "",
-        f"{report['model']}; {wl['requests']} requests, {wl['useful_tokens']:,} useful tokens; "
-        f"{env['cpu_model']}, {env['torch_threads']} torch threads; "
-        f"torch {env['torch']}, transformers {env['transformers']}",
-        "",
+        *title_lines(report, "W1 and W2 over gRPC"),
         "| run | requests | useful tokens | wall s | tok/s |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
@@ -68,12 +47,7 @@ def render_grpc_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {run['requests']} | {run['useful_tokens']:,} | {run['wall_s']:.1f} "
             f"| {run['tokens_per_s']:.1f} |"
         )
-    lines += ["", *_w1_lines(report), *_w2_lines(runs), "Goals:", ""]
-    for g in report["goals"]:
-        mark = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
-        lines.append(
-            f"- {g['goal']}: {mark}" + ("" if g["value"] is None else f" ({g['value']:.3f})")
-        )
+    lines += ["", *_w1_lines(report), *_w2_lines(runs), *goal_lines(report)]
     return "\n".join(lines) + "\n"
 
 

@@ -26,44 +26,44 @@ def ratios(results: dict[str, RunResult], subject: str = SUBJECT) -> dict[str, f
 
 
 def build_report(
-    results: dict[str, RunResult],
-    *,
-    started: datetime,
-    command: list[str],
-    model: str,
-    workload: dict[str, Any],
-    settings: dict[str, Any],
-    environment: dict[str, Any],
+    results: dict[str, RunResult], *, started: datetime, **header: Any
 ) -> dict[str, Any]:
-    """The whole JSON document of one W1 run (runs in the order they ran)."""
+    """The whole JSON document of one W1 run (runs in the order they ran).
+
+    `header`: command, model, workload, settings and environment (see `document`).
+    """
     rates = ratios(results)
     figures = dict(rates)
     if SUBJECT in results:
         figures["scheduler_share"] = results[SUBJECT].details["scheduler_share"]
+    return document("W1", results, rates, check_goals(figures), started, header)
+
+
+def document(
+    benchmark: str,
+    results: dict[str, RunResult],
+    rates: dict[str, float],
+    goals: list[dict[str, Any]],
+    started: datetime,
+    header: dict[str, Any],
+) -> dict[str, Any]:
+    """A benchmark's JSON document: its name and date, `header` (the command,
+    model, workload, settings, environment ...), then runs, ratios and goals."""
     return {
-        "benchmark": "W1",
+        "benchmark": benchmark,
         "date_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": command,
-        "model": model,
-        "workload": workload,
-        "settings": settings,
-        "environment": environment,
+        **header,
         "runs": {name: r.as_dict() for name, r in results.items()},
         "ratios": {k: round(v, 4) for k, v in rates.items()},
-        "goals": check_goals(figures),
+        "goals": goals,
     }
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of `report`."""
-    env, wl, runs = report["environment"], report["workload"], report["runs"]
+    runs = report["runs"]
     lines = [
-        f"# W1, {report['date_utc']}",
-        "",
-        f"{report['model']}; {wl['requests']} requests, {wl['useful_tokens']:,} useful tokens; "
-        f"{env['cpu_model']}, {env['torch_threads']} torch threads; "
-        f"torch {env['torch']}, transformers {env['transformers']}",
-        "",
+        *title_lines(report, "W1"),
         "| run | requests | useful tokens | wall s | tok/s | treadle / run |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -74,13 +74,32 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {run['tokens_per_s']:.1f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
         )
     lines += ["", *_treadle_lines(runs.get(SUBJECT)), *_ceiling_lines(runs.get("ceiling"))]
-    lines += ["", "Goals:", ""]
+    lines += ["", *goal_lines(report)]
+    return "\n".join(lines) + "\n"
+
+
+def title_lines(report: dict[str, Any], title: str) -> list[str]:
+    """The markdown heading and the model / workload / machine line."""
+    env, wl = report["environment"], report["workload"]
+    return [
+        f"# {title}, {report['date_utc']}",
+        "",
+        f"{report['model']}; {wl['requests']} requests, {wl['useful_tokens']:,} useful tokens; "
+        f"{env['cpu_model']}, {env['torch_threads']} torch threads; "
+        f"torch {env['torch']}, transformers {env['transformers']}",
+        "",
+    ]
+
+
+def goal_lines(report: dict[str, Any]) -> list[str]:
+    """The goals, each met, NOT met or not measured, with its figure."""
+    lines = ["Goals:", ""]
     for g in report["goals"]:
         mark = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
         lines.append(
             f"- {g['goal']}: {mark}" + ("" if g["value"] is None else f" ({g['value']:.3f})")
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _treadle_lines(run: dict[str, Any] | None) -> list[str]:
