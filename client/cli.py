@@ -94,13 +94,18 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
                 flag.removesuffix("s"),
                 dest=f.name,
                 action="append",
+                type=plugin,
                 metavar="NAME[=JSON]",
                 help="enable a server plugin (repeatable)",
             )
         elif f.name == "logit_bias":
-            group.add_argument(flag, action="append", metavar="ID=BIAS", help="repeatable")
+            group.add_argument(
+                flag, action="append", type=token_bias, metavar="ID=BIAS", help="repeatable"
+            )
         elif f.name == "bad_words_ids":
-            group.add_argument(flag, action="append", metavar="ID,ID,...", help="repeatable")
+            group.add_argument(
+                flag, action="append", type=token_ids, metavar="ID,ID,...", help="repeatable"
+            )
         elif kind.startswith("list["):
             item = int if "int" in kind else str
             group.add_argument(flag, action="append", type=item, help="repeatable")
@@ -117,21 +122,24 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(GenerationParams):
         value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        if f.name == "plugins":
-            value = [_plugin(spec) for spec in value]
-        elif f.name == "logit_bias":
-            value = {int(k): float(v) for k, _, v in (s.partition("=") for s in value)}
-        elif f.name == "bad_words_ids":
-            value = [[int(t) for t in s.split(",")] for s in value]
-        values[f.name] = value
+        if value is not None:
+            values[f.name] = dict(value) if f.name == "logit_bias" else value
     return GenerationParams(**values)
 
 
-def _plugin(spec: str) -> PluginRequest:
+# argparse converters: a bad value is reported by argparse, naming the flag.
+def plugin(spec: str) -> PluginRequest:
     name, _, args = spec.partition("=")
     return PluginRequest(name=name, args=json.loads(args) if args else {})
+
+
+def token_bias(spec: str) -> tuple[int, float]:
+    token, _, bias = spec.partition("=")
+    return int(token), float(bias)
+
+
+def token_ids(spec: str) -> list[int]:
+    return [int(t) for t in spec.split(",")]
 
 
 if __name__ == "__main__":

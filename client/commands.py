@@ -14,6 +14,7 @@ from .convert import Prompt
 from .errors import TreadleClientError
 from .params import ChatMessage, GenerationParams
 from .results import Finish, TokenChunk
+from .streams import raise_if_error
 from .sync_client import Client
 
 
@@ -42,7 +43,7 @@ def generate(args: argparse.Namespace) -> int:
                 result = client.generate(prompt, params=params)
                 print(json.dumps(dataclasses.asdict(result), default=str, indent=2))
                 return 0
-            finish = _print_stream(client, prompt, params)
+            _, finish = _print_answer(client, prompt, params)
     except (TreadleClientError, OSError, ValueError) as exc:
         print(f"treadle generate: {exc}", file=sys.stderr)
         return 1
@@ -56,10 +57,10 @@ def chat(args: argparse.Namespace) -> int:
     messages = _opening(args.system)
     try:
         client = client_from_args(args)
+        params = params_from_args(args)
     except (OSError, ValueError) as exc:
         print(f"treadle chat: {exc}", file=sys.stderr)
         return 1
-    params = params_from_args(args)
     with client:
         while True:
             try:
@@ -113,29 +114,32 @@ def _opening(system: str | None) -> list[ChatMessage]:
     return [ChatMessage("system", system)] if system else []
 
 
-def _print_stream(client: Client, prompt: Prompt, params: GenerationParams) -> Finish | None:
-    finish = None
+def _print_answer(
+    client: Client, prompt: Prompt, params: GenerationParams
+) -> tuple[str, Finish | None]:
+    """Stream one answer to stdout; raises the typed error of a request that ends in ERROR."""
+    parts: list[str] = []
     for event in client.stream(prompt, params=params):
         if isinstance(event, TokenChunk):
+            parts.append(event.text)
             print(event.text, end="", flush=True)
         else:
-            finish = event
-    return finish
+            raise_if_error(event)
+            return "".join(parts), event
+    return "".join(parts), None
 
 
-def _print_chat_answer(client: Client, messages: list[ChatMessage], params: object) -> str | None:
+def _print_chat_answer(
+    client: Client, messages: list[ChatMessage], params: GenerationParams
+) -> str | None:
     """Stream one answer; None if the user stopped it with Ctrl-C."""
-    parts: list[str] = []
     try:
-        for event in client.stream(list(messages), params=params):
-            if isinstance(event, TokenChunk):
-                parts.append(event.text)
-                print(event.text, end="", flush=True)
+        answer, _ = _print_answer(client, list(messages), params)
     except KeyboardInterrupt:
         print("\n[stopped]", flush=True)
         return None
     print(flush=True)
-    return "".join(parts)
+    return answer
 
 
 def _print_finish(finish: Finish | None) -> None:

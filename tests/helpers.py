@@ -13,6 +13,7 @@ from treadle.scheduler.engine import Engine
 from treadle.scheduler.events import Event, FinishEvent, TokenEvent
 from treadle.scheduler.generation_request import GenerationRequest
 from treadle.worker.loader import LoadedModel
+from treadle.worker.plugins.base import LogitsPlugin, PluginContext
 
 
 @dataclass
@@ -147,3 +148,15 @@ class standard_attention:
 
     def __exit__(self, *exc: object) -> None:
         self.model.set_attn_implementation(self.saved)
+
+
+class Exploding(LogitsPlugin):
+    """A logits plugin that always raises: its request must end in ERROR, alone."""
+
+    name = "explode"
+
+    def bind(self, args: Any, ctx: PluginContext) -> object:
+        return None
+
+    def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
+        raise RuntimeError("kaboom")

@@ -18,6 +18,7 @@ from treadle.scheduler.step_stats import StepStats
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 from treadle.worker.loader import LoadedModel
+from treadle.worker.plugins import PluginRegistry
 
 
 @dataclass
@@ -78,13 +79,14 @@ async def start_served(
     engine_config: EngineConfig | None = None,
     server_config: ServerConfig | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    plugins: PluginRegistry | None = None,
 ) -> Served:
     server = TreadleServer(
         server_config or ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period=5),
         "tiny-llama",
     )
     await server.start()
-    engine = Engine(tiny, engine_config or EngineConfig(max_batch_rows=4, max_seq_len=256))
+    engine = Engine(tiny, engine_config or EngineConfig(max_batch_rows=4, max_seq_len=256), plugins)
     await server.serve(engine)
     target = f"127.0.0.1:{server.port}"
     channel = (

@@ -8,10 +8,12 @@ import signal
 import sys
 
 from e2e.served import Served, start_served
+from helpers import Exploding
 
 from treadle.client import AsyncClient
 from treadle.scheduler.engine import EngineConfig
 from treadle.worker.loader import LoadedModel
+from treadle.worker.plugins import default_registry
 
 CLI = [sys.executable, "-m", "treadle.client.cli"]
 
@@ -62,6 +64,27 @@ async def test_generate_reports_bad_input_and_reads_stdin(served: Served) -> Non
         served, "generate", "-", "--max-new-tokens", "3", stdin="from stdin"
     )
     assert code == 0 and "[length] 3 tokens" in err and out.strip()
+
+
+async def test_a_failed_request_fails_the_command(tiny: LoadedModel) -> None:
+    plugins = default_registry()
+    plugins.register("explode", Exploding())
+    served = await start_served(tiny, plugins=plugins)
+    try:
+        code, out, err = await run_cli(served, "generate", "hi", "--plugin", "explode")
+        assert code == 1 and "kaboom" in err and out == ""
+        code, out, err = await run_cli(served, "chat", "--plugin", "explode", stdin="hi\n")
+        assert code == 0 and "[error: " in err and "kaboom" in err
+        assert out.count("> ") == 2  # the question failed; the chat went on
+    finally:
+        await served.channel.close()
+        await served.server.drain()
+
+
+async def test_bad_flag_values_are_named_by_argparse(served: Served) -> None:
+    for verb in (["generate", "x"], ["chat"]):
+        code, _, err = await run_cli(served, *verb, "--logit-bias", "7:1")
+        assert code == 2 and "--logit-bias" in err and "Traceback" not in err
 
 
 async def test_info_and_health(served: Served) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Collected, collect, collect_all, drive, reference_greedy
+from helpers import Collected, Exploding, collect, collect_all, drive, reference_greedy
 
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.errors import QueueFullError, ValidationError
@@ -17,7 +17,6 @@ from treadle.scheduler.generation_request import GenerationRequest, PluginReques
 from treadle.scheduler.step_stats import StepStats
 from treadle.worker.loader import LoadedModel
 from treadle.worker.plugins import default_registry
-from treadle.worker.plugins.base import LogitsPlugin, PluginContext
 
 
 def tiny_engine(tiny: LoadedModel, **config: Any) -> Engine:
@@ -206,16 +205,6 @@ def test_queue_limit(tiny: LoadedModel) -> None:
     finally:
         engine.stop()
     assert engine.num_in_flight == 0
-
-
-class Exploding(LogitsPlugin):
-    name = "explode"
-
-    def bind(self, args: Any, ctx: PluginContext) -> object:
-        return None
-
-    def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
-        raise RuntimeError("kaboom")
 
 
 def test_a_failing_plugin_ends_only_its_request(tiny: LoadedModel) -> None:
