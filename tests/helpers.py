@@ -160,3 +160,15 @@ class Exploding(LogitsPlugin):
 
     def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
         raise RuntimeError("kaboom")
+
+
+class BanEverything(LogitsPlugin):
+    """A logits plugin that rules out every token of its rows."""
+
+    name = "ban_everything"
+
+    def bind(self, args: Any, ctx: PluginContext) -> object:
+        return None
+
+    def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
+        return torch.full_like(scores, -torch.inf)

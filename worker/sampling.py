@@ -27,6 +27,7 @@ class Choice:
 
     token_ids: torch.Tensor  # [N] long
     logprobs: list[TokenLogprobs | None]  # per row; None unless rows[i].params.logprobs is set
+    errors: dict[int, str]  # row -> why it has no token (its constraints rule out every one)
 
 
 class Sampler:
@@ -36,8 +37,8 @@ class Sampler:
     their own (None: a random seed). Seeded rows are reproducible whatever
     else is in the batch. Logprobs (only for rows that ask) are the
     log-softmax of the raw logits or, with `processed`, of the scores.
-    A sampling row whose scores leave no possible token (all -inf or NaN)
-    falls back to the argmax of its raw logits.
+    A row whose scores leave no possible token (all -inf or NaN), greedy or
+    sampled, gets an error instead of a token.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -61,29 +62,21 @@ class Sampler:
                 index = torch.tensor(greedy, dtype=torch.long, device=scores.device)
                 token_ids[index] = scores.index_select(0, index).argmax(dim=1)
             index = torch.tensor(sampled, dtype=torch.long, device=scores.device)
-            token_ids[index] = self._sample(raw_logits, scores, rows, sampled)
+            token_ids[index] = self._sample(scores, rows, sampled)
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if any(r.params.logprobs is not None for r in rows):
-            return Choice(token_ids, token_logprobs(raw_logits, scores, token_ids, rows))
-        return Choice(token_ids, [None] * len(rows))
+            logprobs = token_logprobs(raw_logits, scores, token_ids, rows)
+        return Choice(token_ids, logprobs, _impossible(scores, token_ids))
 
     def _sample(
-        self,
-        raw_logits: torch.Tensor,
-        scores: torch.Tensor,
-        rows: Sequence[RowInput],
-        idx: list[int],
+        self, scores: torch.Tensor, rows: Sequence[RowInput], idx: list[int]
     ) -> torch.Tensor:
         """Draw a token for each row `idx` from softmax(scores) -> `[n]`."""
         index = torch.tensor(idx, dtype=torch.long, device=scores.device)  # [n]
         sub = scores if len(idx) == scores.shape[0] else scores.index_select(0, index)
         probs = torch.softmax(sub.float(), dim=1)  # [n, V]
         u = self._uniforms([rows[i] for i in idx]).to(scores.device)  # [n, 1] float64
-        chosen, total = _invert_cdf(probs, u)
-        impossible = ~(total > 0)  # [n] no finite score (or NaN)
-        if bool(impossible.any()):
-            fallback = raw_logits.index_select(0, index).argmax(dim=1)  # [n]
-            chosen = torch.where(impossible, fallback, chosen)
-        return chosen
+        return _invert_cdf(probs, u)  # a row without mass is caught by _impossible
 
     def _uniforms(self, rows: Sequence[RowInput]) -> torch.Tensor:
         """One uniform number in [0, 1) per row `[n, 1]`: its own for seeded rows,
@@ -141,13 +134,13 @@ def token_logprobs(
     return out
 
 
-def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The token where each row's cumulative `probs` `[n, V]` first exceeds `u * total`.
 
     Two levels instead of a cumulative sum over the whole row: sums of
     blocks of `_BLOCK` tokens pick the block, then one block is summed
     token by token. Only tokens with a positive probability can be picked.
-    Returns the tokens `[n]` and the rows' total mass `[n]`.
+    Returns the tokens `[n]`; a row without mass gets an arbitrary valid id.
     """
     n, vocab = probs.shape
     full = vocab // _BLOCK * _BLOCK
@@ -165,7 +158,22 @@ def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, tor
     cdf = p.cumsum(1, dtype=torch.float64)  # [n, BLOCK]
     within = torch.minimum(target - before, _below(cdf[:, -1:]))  # [n, 1]
     pos = torch.searchsorted(cdf, within, right=True).clamp_(max=_BLOCK - 1)  # [n, 1]
-    return cols.gather(1, pos).squeeze(1).clamp_(max=vocab - 1), total.squeeze(1)
+    return cols.gather(1, pos).squeeze(1).clamp_(max=vocab - 1)
+
+
+NO_POSSIBLE_TOKEN = (
+    "no possible next token: the request's constraints (allowed_token_ids, bad_words_ids, "
+    "logit_bias, min_new_tokens, plugins) rule out every token"
+)
+
+
+def _impossible(scores: torch.Tensor, token_ids: torch.Tensor) -> dict[int, str]:
+    """The rows whose chosen token has no finite score `scores` `[N, V]`: nothing was possible."""
+    best = scores.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [N]
+    bad = ~(best > -torch.inf)  # [N] -inf or NaN
+    if not bool(bad.any()):
+        return {}
+    return dict.fromkeys(bad.nonzero().flatten().tolist(), NO_POSSIBLE_TOKEN)
 
 
 def _below(x: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ class Worker:
             processed = self.pipeline(logits, rows)
             choice = self.sampler(raw, processed.scores, rows)
             stops, stop_errors = run_stopping_plugins(processed.scores, choice.token_ids, rows)
-        errors = {**processed.errors, **stop_errors}
+        errors = {**choice.errors, **processed.errors, **stop_errors}
         outputs = [
             RowOutput(
                 token_id=token,

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Collected, Exploding, collect, collect_all, drive, reference_greedy
+from helpers import (
+    BanEverything,
+    Collected,
+    Exploding,
+    collect,
+    collect_all,
+    drive,
+    reference_greedy,
+)
 
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.errors import QueueFullError, ValidationError
@@ -310,3 +318,29 @@ def test_prefix_cache_hits_give_the_same_tokens(tiny: LoadedModel) -> None:
     assert cached[-2] == 29 and cached[-1] == len(prompts[0]) - 1
     for i, p in enumerate(prompts):
         assert got[f"p{i}"].tokens == reference_greedy(tiny.model, p, 8, None), i
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_request_whose_constraints_rule_out_every_token_ends_in_error(
+    tiny: LoadedModel, temperature: float
+) -> None:
+    plugins = default_registry()
+    plugins.register("ban_everything", BanEverything())
+    engine = Engine(tiny, EngineConfig(max_batch_rows=4, max_seq_len=128), plugins)
+    rng = random.Random(5)
+    good = GenerationRequest(
+        prompt_token_ids=random_prompt(rng, 6), max_new_tokens=8, request_id="good"
+    )
+    stuck = GenerationRequest(
+        prompt_token_ids=random_prompt(rng, 6),
+        max_new_tokens=8,
+        request_id="stuck",
+        temperature=temperature,
+        seed=1,
+        plugins=[PluginRequest("ban_everything")],
+    )
+    got = drive(engine, [(0, good), (1, stuck)])
+    assert got["stuck"].finish.reason is FinishReason.ERROR
+    assert "no possible next token" in (got["stuck"].finish.message or "")
+    assert got["stuck"].tokens == []
+    assert got["good"].finish.reason is not FinishReason.ERROR

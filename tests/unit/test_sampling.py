@@ -152,13 +152,23 @@ def test_sampling_over_a_wide_vocabulary_never_picks_an_impossible_token() -> No
         assert bool(scores.gather(1, chosen.unsqueeze(1)).isfinite().all())
 
 
-def test_a_row_with_no_possible_token_falls_back_to_the_raw_argmax() -> None:
-    raw = torch.randn(2, V, generator=torch.Generator().manual_seed(3))
+def test_a_row_with_no_possible_token_gets_an_error_whatever_shares_the_batch() -> None:
+    raw = torch.randn(4, V, generator=torch.Generator().manual_seed(3))
     scores = raw.clone()
-    scores[0] = -torch.inf
-    rows = [make_row([1], SamplingParams(temperature=1.0), i) for i in range(2)]
-    choice = Sampler(seed=0)(raw, scores, rows)
-    assert int(choice.token_ids[0]) == int(raw[0].argmax())
+    scores[0] = -torch.inf  # sampled, nothing possible
+    scores[1, 5] = torch.nan  # greedy, broken scores
+    scores[2] = -torch.inf  # greedy, nothing possible
+    rows = [
+        make_row([1], SamplingParams(temperature=1.0), 0),
+        make_row([1], SamplingParams(), 1),
+        make_row([1], SamplingParams(), 2),
+        make_row([1], SamplingParams(temperature=1.0), 3),
+    ]
+    for raw_logits in (raw, scores):  # with or without a separate raw copy
+        choice = Sampler(seed=0)(raw_logits, scores, rows)
+        assert sorted(choice.errors) == [0, 1, 2]
+        assert "allowed_token_ids" in choice.errors[0]
+        assert bool(scores[3, int(choice.token_ids[3])].isfinite())
 
 
 def test_logprobs_raw_and_processed_with_top_n_most_likely_first() -> None:
