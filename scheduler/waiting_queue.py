@@ -14,14 +14,14 @@ class WaitingQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, Request]] = []
         self._order = itertools.count()
-        self._live: set[str] = set()
+        self._live: set[Request] = set()  # by identity: an id may come back after a cancel
 
     def __len__(self) -> int:
         return len(self._live)
 
     def push(self, req: Request) -> None:
         heapq.heappush(self._heap, (-req.priority, next(self._order), req))
-        self._live.add(req.request_id)
+        self._live.add(req)
 
     def peek(self) -> Request | None:
         self._drop_removed()
@@ -30,13 +30,13 @@ class WaitingQueue:
     def pop(self) -> Request:
         self._drop_removed()
         req = heapq.heappop(self._heap)[2]
-        self._live.discard(req.request_id)
+        self._live.discard(req)
         return req
 
     def remove(self, req: Request) -> None:
         """Forget `req`; it is skipped when it reaches the head."""
-        self._live.discard(req.request_id)
+        self._live.discard(req)
 
     def _drop_removed(self) -> None:
-        while self._heap and self._heap[0][2].request_id not in self._live:
+        while self._heap and self._heap[0][2] not in self._live:
             heapq.heappop(self._heap)

@@ -242,6 +242,26 @@ def test_cancel_waiting_request(h: Harness) -> None:
     assert h.scheduler.num_waiting == 0
 
 
+def test_an_id_reused_after_a_cancel_admits_only_the_new_request(h: Harness) -> None:
+    h.add("a", [1] * 3, max_new=3)
+    h.add("b", [1] * 3, max_new=3)
+    h.add("x", [1] * 3, max_new=3)  # ahead of w in the queue
+    old = h.add("w", [1] * 3, max_new=3)
+    h.step()
+    h.scheduler.abort("w")
+    h.step()  # the cancel takes effect; w's old entry stays behind x (lazy removal)
+    new = h.add("w", [5] * 3, max_new=3, prompt_len=6)  # the same id, another prompt
+    assert h.scheduler.num_waiting == 2
+    admitted = []
+    for _ in range(20):  # bounded: a and b finish, then x and the new w run
+        admitted += [r for r in h.step().prefill if r.key == "w"]
+        if new.status.name == "FINISHED":
+            break
+    assert len(admitted) == 1 and admitted[0].prompt_len == 6  # the new request's prompt
+    assert old.row is None and new.num_generated == 3
+    assert h.tokens("w") == [5, 5, 5]
+
+
 def test_deadline_cancels(h: Harness) -> None:
     req = h.add("d", [1] * 50, max_new=50)
     req.deadline = h.clock.now + 0.035
