@@ -20,16 +20,18 @@ from .results import (
 
 Prompt = str | Sequence[ChatMessage | Mapping[str, str]]  # text, or chat messages
 
-_REASONS = {
-    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    pb.FINISH_REASON_EOS: FinishReason.EOS,
-    pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
-    pb.FINISH_REASON_STOP_TOKEN: FinishReason.STOP_TOKEN,
-    pb.FINISH_REASON_TIME_LIMIT: FinishReason.TIME_LIMIT,
-    pb.FINISH_REASON_STOP_CRITERION: FinishReason.STOP_CRITERION,
-    pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
-    pb.FINISH_REASON_ERROR: FinishReason.ERROR,
+# The one table between finish reasons and the wire's (the server uses it too).
+FINISH_REASONS: dict[FinishReason, pb.FinishReason] = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
+    FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
+    FinishReason.STOP_CRITERION: pb.FINISH_REASON_STOP_CRITERION,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
 }
+_REASONS = {wire: reason for reason, wire in FINISH_REASONS.items()}
 
 
 def chat_to_proto(messages: Sequence[ChatMessage | Mapping[str, str]]) -> pb.Chat:

@@ -7,16 +7,19 @@ from dataclasses import dataclass
 
 
 class FinishReason(enum.Enum):
-    """Why a request ended (the wire's FinishReason, without its prefix)."""
+    """Why a request ended (the wire's FinishReason, without its prefix).
 
-    LENGTH = "length"
-    EOS = "eos"
-    STOP_SEQUENCE = "stop_sequence"
-    STOP_TOKEN = "stop_token"
-    TIME_LIMIT = "time_limit"
-    STOP_CRITERION = "stop_criterion"
-    CANCELLED = "cancelled"
-    ERROR = "error"
+    The engine uses the same enum: every accepted request ends with exactly one.
+    """
+
+    LENGTH = "length"  # max_new_tokens generated
+    EOS = "eos"  # the model produced one of its EOS tokens
+    STOP_SEQUENCE = "stop_sequence"  # a stop string appeared in the text
+    STOP_TOKEN = "stop_token"  # one of the request's stop token ids was generated
+    TIME_LIMIT = "time_limit"  # max_time elapsed since the request started generating
+    STOP_CRITERION = "stop_criterion"  # a custom stopping-criterion plugin fired
+    CANCELLED = "cancelled"  # aborted by the client, its deadline, or server shutdown
+    ERROR = "error"  # this request failed; the others went on
 
 
 @dataclass(frozen=True, slots=True)

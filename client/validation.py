@@ -34,7 +34,7 @@ def check_params(p: GenerationParams, limits: RequestLimits | None = None) -> No
     for i, s in enumerate(p.stop):
         if not s:
             raise ParameterError(f"stop[{i}]", "must not be empty")
-    _check_positive("max_time", p.max_time)
+    check_seconds("max_time", p.max_time)
     check_range("temperature", p.temperature, 0.0, 100.0)
     check_range("top_p", p.top_p, 0.0, 1.0, low_open=True)
     check_range("min_p", p.min_p, 0.0, 1.0)
@@ -99,6 +99,7 @@ def _check_most(field: str, count: int, most: int, what: str) -> None:
         raise ParameterError(field, f"at most {most} {what} (got {count})")
 
 
-def _check_positive(field: str, value: float | None) -> None:
+def check_seconds(field: str, value: float | None) -> None:
+    """None, or a finite positive number of seconds."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise ParameterError(field, f"must be a positive number of seconds (got {value})")

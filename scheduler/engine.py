@@ -15,6 +15,7 @@ request gets exactly one terminal event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -170,10 +171,6 @@ class Engine:
         self._thread.join(timeout)
         self._thread = None
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     # -- requests ---------------------------------------------------------------
     @property
     def num_in_flight(self) -> int:
@@ -228,12 +225,9 @@ class Engine:
 
     async def generate(self, gen: GenerationRequest) -> AsyncIterator[Event]:
         """Yield the request's events until its terminal one; leaving early aborts it."""
-        stream = self.stream(gen)
-        try:
+        async with contextlib.aclosing(self.stream(gen)) as stream:
             async for event in stream:
                 yield event
-        finally:
-            stream.cancel()
 
     # -- the step thread --------------------------------------------------------
     def _run(self) -> None:

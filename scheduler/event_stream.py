@@ -27,11 +27,6 @@ class EventStream:
         self._pending: list[Event] = []
         self._finished = False
 
-    @property
-    def finished(self) -> bool:
-        """True once the terminal event was handed to the consumer."""
-        return self._finished
-
     def deliver(self, events: list[Event]) -> None:
         """Called from the step thread; never blocks, never raises."""
         try:

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
+from ..client.results import FinishReason
 from ..worker.plan import TokenLogprobs
 
 DEADLINE_EXCEEDED = "deadline exceeded"  # FinishEvent.message of a request past its deadline
 SHUTTING_DOWN = "server shutting down"  # FinishEvent.message of requests cancelled by shutdown
-
-
-class FinishReason(enum.Enum):
-    """Why a request ended; every accepted request ends with exactly one."""
-
-    LENGTH = "length"  # max_new_tokens generated
-    EOS = "eos"  # the model produced one of its EOS tokens
-    STOP_SEQUENCE = "stop_sequence"  # a stop string appeared in the text
-    STOP_TOKEN = "stop_token"  # one of the request's stop token ids was generated
-    TIME_LIMIT = "time_limit"  # max_time elapsed since the request started generating
-    STOP_CRITERION = "stop_criterion"  # a custom stopping-criterion plugin fired
-    CANCELLED = "cancelled"  # aborted by the client, its deadline, or server shutdown
-    ERROR = "error"  # this request failed; the others went on
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -147,7 +146,3 @@ class ServerMetrics:
             while self._window and self._window[0][0] < cutoff:
                 self._window.popleft()
             return sum(n for _, n in self._window) / _RATE_WINDOW_S
-
-    def describe(self) -> dict[str, Any]:
-        """Metric names, for documentation and tests."""
-        return {m.name: m.type for m in self.registry.collect()}

@@ -35,10 +35,6 @@ class PrefixCache:
         self._entries = [_Entry(row=first_row + i) for i in range(rows)]
         self._clock = itertools.count(1)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._entries)
-
     def match(self, prompt: list[int]) -> tuple[int, int] | None:
         """The spare row holding `prompt`'s longest cached prefix, and that prefix's length.
 

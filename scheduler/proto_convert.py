@@ -7,22 +7,11 @@ from typing import Any
 
 from treadle.v1 import treadle_pb2 as pb
 
+from ..client.convert import FINISH_REASONS
 from ..worker.plan import TokenLogprobs
 from .errors import ValidationError
 from .events import FinishEvent, FinishReason, TokenEvent, Usage
 from .generation_request import ChatMessage, GenerationRequest, PluginRequest
-
-# The one table between the engine's finish reasons and the wire's.
-FINISH_REASONS: dict[FinishReason, pb.FinishReason] = {
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.EOS: pb.FINISH_REASON_EOS,
-    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
-    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
-    FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
-    FinishReason.STOP_CRITERION: pb.FINISH_REASON_STOP_CRITERION,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
-}
 
 
 def chat_from_proto(chat: pb.Chat) -> list[ChatMessage]:

@@ -132,10 +132,6 @@ class TreadleServer:
             self._metrics_http.server_close()
         log.info("stopped")
 
-    async def wait(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
     # -- helpers ------------------------------------------------------------------------
     def _options(self) -> list[tuple[str, int]]:
         options = [

@@ -10,7 +10,7 @@ ids never collide across clients or sessions.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -53,7 +53,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         tokens: list[int] = []
         text: list[str] = []
         logprobs: list[pb.TokenLogprob] = []
-        async with _cancel_on_exit(stream):
+        async with contextlib.aclosing(stream):  # an RPC ending early cancels
             async for event in stream:
                 if isinstance(event, TokenEvent):
                     tokens.extend(event.token_ids)
@@ -73,7 +73,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateEvent]:
         stream, client_id = await self._open(request, context)
-        async with _cancel_on_exit(stream):
+        async with contextlib.aclosing(stream):  # an RPC ending early cancels
             async for event in stream:
                 if isinstance(event, TokenEvent):
                     yield pb.GenerateEvent(request_id=client_id, token=chunk_to_proto(event))
@@ -135,8 +135,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise EngineUnavailableError("the model is still loading")
         remaining = context.time_remaining()  # the call's deadline, handed to the engine
         deadline = None if remaining is None else max(remaining, 1e-3)
-        gen = request_from_proto(request, deadline=deadline)
-        return self.engine.stream(dataclasses.replace(gen, request_id=None))
+        return self.engine.stream(request_from_proto(request, deadline=deadline))
 
     async def _open(self, request: pb.GenerateRequest, context: Any) -> tuple[EventStream, str]:
         try:
@@ -238,19 +237,6 @@ class _Session:
         if isinstance(event, TokenEvent):
             return pb.SessionEvent(request_id=client_id, token=chunk_to_proto(event))
         return pb.SessionEvent(request_id=client_id, finish=self.service.finish_message(event))
-
-
-class _cancel_on_exit:
-    """Cancel a request whose RPC ends early (client gone, deadline, error)."""
-
-    def __init__(self, stream: EventStream) -> None:
-        self.stream = stream
-
-    async def __aenter__(self) -> EventStream:
-        return self.stream
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stream.cancel()
 
 
 def service_names() -> tuple[str, ...]:

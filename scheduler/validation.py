@@ -6,14 +6,13 @@ or raises `ValidationError` whose message names the field and the limit.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ..client.limits import RequestLimits
-from ..client.validation import ParameterError, check_params
+from ..client.validation import ParameterError, check_params, check_seconds
 from ..worker.params import LogprobsParams, SamplingParams
 from ..worker.plugins import PluginRegistry
 from ..worker.plugins.base import PluginArgumentError, PluginBinding, PluginContext
@@ -57,12 +56,9 @@ class RequestFactory:
         self._check_request_id(request_id)
         try:
             check_params(gen, self.limits)
+            check_seconds("deadline", gen.deadline)  # server-side only: from the call's deadline
         except ParameterError as exc:
             raise ValidationError(exc.field, exc.detail) from exc
-        if gen.deadline is not None and not (math.isfinite(gen.deadline) and gen.deadline > 0):
-            raise ValidationError(
-                "deadline", f"must be a positive number of seconds (got {gen.deadline})"
-            )
         prompt_ids = self.inputs.prompt_ids(gen)
         max_new = self._max_new_tokens(gen, len(prompt_ids))
         stopping = self._stopping(gen, max_new)
