@@ -32,7 +32,7 @@ from ..worker.plugins.base import PluginContext
 from ..worker.worker import Worker, WorkerConfig
 from .errors import DuplicateRequestError, EngineUnavailableError, QueueFullError
 from .event_stream import EventStream
-from .events import SHUTTING_DOWN, Event, FinishEvent, FinishReason
+from .events import CANCELLED, SHUTTING_DOWN, Ending, Event, FinishEvent, FinishReason
 from .generation_request import GenerationRequest
 from .inputs import InputProcessor
 from .request import EventSink, Request
@@ -58,16 +58,18 @@ class EngineConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
 
 
+_SCHEDULER_ERROR = Ending(FinishReason.ERROR, "internal error in the scheduler")
+
+
 @dataclass(frozen=True, slots=True)
 class _Abort:
     request_id: str
-    reason: FinishReason
-    message: str | None
+    ending: Ending
 
 
 @dataclass(frozen=True, slots=True)
 class _AbortAll:
-    message: str
+    ending: Ending
 
 
 class Engine:
@@ -204,14 +206,9 @@ class Engine:
         self._wake.set()
         return request_id
 
-    def abort(
-        self,
-        request_id: str,
-        reason: FinishReason = FinishReason.CANCELLED,
-        message: str | None = None,
-    ) -> None:
+    def abort(self, request_id: str, ending: Ending = CANCELLED) -> None:
         """Ask a request to end; its row is freed on the next step. Unknown ids are ignored."""
-        self._inbox.put(_Abort(request_id, reason, message))
+        self._inbox.put(_Abort(request_id, ending))
         self._wake.set()
 
     def stream(self, gen: GenerationRequest) -> EventStream:
@@ -244,7 +241,7 @@ class Engine:
                 self._step()
             except Exception:  # a scheduler bug: end what is in flight, keep serving
                 log.exception("step loop error; ending the requests in flight")
-                self.scheduler.abort_all(FinishReason.ERROR, "internal error in the scheduler")
+                self.scheduler.abort_all(_SCHEDULER_ERROR)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -260,9 +257,9 @@ class Engine:
                     with self._lock:
                         self._in_flight.discard(msg.request_id)
             elif isinstance(msg, _Abort):
-                self.scheduler.abort(msg.request_id, msg.reason, msg.message)
+                self.scheduler.abort(msg.request_id, msg.ending)
             else:
-                self.scheduler.abort_all(FinishReason.CANCELLED, msg.message)
+                self.scheduler.abort_all(msg.ending)
 
     def _step(self) -> None:
         started = time.perf_counter()

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from ..client.results import FinishReason
 from ..worker.plan import TokenLogprobs
 
-DEADLINE_EXCEEDED = "deadline exceeded"  # FinishEvent.message of a request past its deadline
-SHUTTING_DOWN = "server shutting down"  # FinishEvent.message of requests cancelled by shutdown
+
+class Cause(enum.Enum):
+    """Who ended a cancelled request when its client did not (it decides the status code)."""
+
+    DEADLINE = "deadline exceeded"
+    SHUTDOWN = "server shutting down"
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a request that is asked to end finishes."""
+
+    reason: FinishReason = FinishReason.CANCELLED
+    message: str | None = None
+    cause: Cause | None = None
+
+
+CANCELLED = Ending()  # by its client
+DEADLINE_EXCEEDED = Ending(FinishReason.CANCELLED, Cause.DEADLINE.value, Cause.DEADLINE)
+SHUTTING_DOWN = Ending(FinishReason.CANCELLED, Cause.SHUTDOWN.value, Cause.SHUTDOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +61,7 @@ class FinishEvent:
     usage: Usage
     stop_sequence: str | None = None  # the matched stop string, for STOP_SEQUENCE
     message: str | None = None  # what went wrong, for ERROR and some CANCELLED
+    cause: Cause | None = None  # for CANCELLED by the deadline or shutdown
 
 
 Event = TokenEvent | FinishEvent

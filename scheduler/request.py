@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..worker.params import SamplingParams
 from ..worker.plan import RowInput, RowOutput
 from .detokenizer import IncrementalDetokenizer
-from .events import Event, FinishEvent, FinishReason, TokenEvent, Usage
+from .events import Cause, Ending, Event, FinishEvent, FinishReason, TokenEvent, Usage
 from .stop_strings import StopStringMatcher
 
 EventSink = Callable[[list[Event]], None]  # receives a request's events of one step, in order
@@ -62,7 +62,7 @@ class Request:
     )  # prompt tokens whose KV came from the prefix cache
     first_token_at: float | None = field(default=None, init=False)
     last_token_at: float | None = field(default=None, init=False)
-    cancel_reason: tuple[FinishReason, str | None] | None = field(default=None, init=False)
+    cancel_reason: Ending | None = field(default=None, init=False)
     matcher: StopStringMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +154,7 @@ class Request:
         now: float,
         stop_sequence: str | None = None,
         message: str | None = None,
+        cause: Cause | None = None,
     ) -> FinishEvent:
         """Mark the request finished and build its terminal event."""
         self.status = RequestStatus.FINISHED
@@ -164,6 +165,7 @@ class Request:
             usage=self.usage(now),
             stop_sequence=stop_sequence,
             message=message,
+            cause=cause,
         )
 
     def usage(self, now: float) -> Usage:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..worker.plan import RowInput, RowMove, StepOutput, StepPlan
-from .events import DEADLINE_EXCEEDED, Event, FinishReason
+from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event, FinishReason
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 from .row_table import RowTable
@@ -113,17 +113,12 @@ class Scheduler:
         if req.deadline is not None:
             heapq.heappush(self._deadlines, (req.deadline, id(req), req))
 
-    def abort(
-        self,
-        request_id: str,
-        reason: FinishReason = FinishReason.CANCELLED,
-        message: str | None = None,
-    ) -> bool:
+    def abort(self, request_id: str, ending: Ending = CANCELLED) -> bool:
         """Ask for a request to end; it finishes at the next `schedule()`. False if unknown."""
         req = self._by_id.get(request_id)
         if req is None or req.cancel_reason is not None:
             return False
-        req.cancel_reason = (reason, message)
+        req.cancel_reason = ending
         self._to_cancel.append(req)
         return True
 
@@ -183,10 +178,10 @@ class Scheduler:
             self._outbox.append((req, [req.finish(FinishReason.ERROR, now, message=message)]))
         self._free_rows(freed)
 
-    def abort_all(self, reason: FinishReason, message: str | None = None) -> None:
+    def abort_all(self, ending: Ending) -> None:
         """Ask every request to end (shutdown)."""
         for request_id in list(self._by_id):
-            self.abort(request_id, reason, message)
+            self.abort(request_id, ending)
 
     def take_events(self) -> list[tuple[Request, list[Event]]]:
         """Events produced since the last call, grouped per request, in order."""
@@ -198,7 +193,7 @@ class Scheduler:
         while self._deadlines and self._deadlines[0][0] <= now:
             req = heapq.heappop(self._deadlines)[2]
             if not req.is_finished and req.cancel_reason is None:
-                req.cancel_reason = (FinishReason.CANCELLED, DEADLINE_EXCEEDED)
+                req.cancel_reason = DEADLINE_EXCEEDED
                 self._to_cancel.append(req)
         freed: list[int] = []
         for req in self._to_cancel:
@@ -209,8 +204,9 @@ class Scheduler:
                 freed.append(req.row)
             else:
                 self.waiting.remove(req)
-            reason, message = req.cancel_reason or (FinishReason.CANCELLED, None)
-            self._outbox.append((req, [req.finish(reason, now, message=message)]))
+            ending = req.cancel_reason or CANCELLED
+            finish = req.finish(ending.reason, now, message=ending.message, cause=ending.cause)
+            self._outbox.append((req, [finish]))
             del self._by_id[req.request_id]
         self._to_cancel = []
         self._free_rows(freed)

@@ -10,7 +10,7 @@ from .errors import (
     QueueFullError,
     ValidationError,
 )
-from .events import DEADLINE_EXCEEDED, SHUTTING_DOWN, FinishEvent, FinishReason
+from .events import Cause, FinishEvent, FinishReason
 
 _BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -33,9 +33,9 @@ def finish_code(event: FinishEvent) -> grpc.StatusCode:
     if event.reason is FinishReason.ERROR:
         return grpc.StatusCode.INTERNAL
     if event.reason is FinishReason.CANCELLED:
-        if event.message == DEADLINE_EXCEEDED:
+        if event.cause is Cause.DEADLINE:
             return grpc.StatusCode.DEADLINE_EXCEEDED
-        if event.message == SHUTTING_DOWN:
+        if event.cause is Cause.SHUTDOWN:
             return grpc.StatusCode.UNAVAILABLE
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.OK
