@@ -49,6 +49,7 @@ class SlotLayout:
     num_decode: int  # D: packed tokens 0..D-1 are the decode tokens of rows 0..D-1
     decode_mask: torch.Tensor | None  # [D, 1, 1, K] bool: key position k visible to row d
     segments: list[Segment] = field(default_factory=list)
+    segment_masks: list[torch.Tensor | None] = field(default_factory=list)  # one per segment
 
     @property
     def decode_kv_len(self) -> int:
@@ -83,7 +84,18 @@ class SlotLayout:
             num_decode=d,
             decode_mask=decode_mask,
             segments=segments,
+            segment_masks=[_continuation_mask(s, device) for s in segments],
         )
+
+
+def _continuation_mask(s: Segment, device: torch.device) -> torch.Tensor | None:
+    """None for a prompt from position 0 (plain causal); for a continuation
+    `[n, start+n]` bool: token i sees positions <= start + i. Built once per step."""
+    if s.start == 0:
+        return None
+    end = s.start + s.length
+    q_pos = torch.arange(s.start, end, device=device)  # [n]
+    return torch.arange(end, device=device)[None, :] <= q_pos[:, None]  # [n, start+n]
 
 
 def slot_attention(
@@ -132,21 +144,20 @@ def slot_attention(
         )
         outputs.append(out.reshape(d, heads, head_dim))  # [D, H, Dh]
 
-    for s in layout.segments:
+    for s, mask in zip(layout.segments, layout.segment_masks, strict=True):
         end = s.start + s.length
         q_seg = q[:, s.offset : s.offset + s.length].unsqueeze(0)  # [1, H, n, Dh]
         k_seg = k_buf[s.row : s.row + 1, :, :end]  # [1, KVH, start+n, Dh]
         v_seg = v_buf[s.row : s.row + 1, :, :end]
-        if s.start == 0:
-            out = F.scaled_dot_product_attention(
-                q_seg, k_seg, v_seg, is_causal=True, scale=scaling, enable_gqa=True
-            )
-        else:  # a continuation: token i sees positions <= start + i
-            q_pos = torch.arange(s.start, end, device=q.device)
-            mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]  # [n, start+n]
-            out = F.scaled_dot_product_attention(
-                q_seg, k_seg, v_seg, attn_mask=mask, scale=scaling, enable_gqa=True
-            )
+        out = F.scaled_dot_product_attention(
+            q_seg,
+            k_seg,
+            v_seg,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=True,
+        )
         outputs.append(out[0].transpose(0, 1))  # [n, H, Dh]
 
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # [T, H, Dh]

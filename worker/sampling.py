@@ -52,12 +52,12 @@ class Sampler:
         self, raw_logits: torch.Tensor, scores: torch.Tensor, rows: Sequence[RowInput]
     ) -> Choice:
         """Choose a token for each row; `raw_logits` and `scores` are `[N, V]`."""
-        sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0.0]
+        sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if not sampled:
             token_ids = scores.argmax(dim=1)  # [N] the common case: one argmax
         else:
             token_ids = torch.empty(len(rows), dtype=torch.long, device=scores.device)  # [N]
-            greedy = [i for i, r in enumerate(rows) if r.params.temperature <= 0.0]
+            greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
             if greedy:
                 index = torch.tensor(greedy, dtype=torch.long, device=scores.device)
                 token_ids[index] = scores.index_select(0, index).argmax(dim=1)

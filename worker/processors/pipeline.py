@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..params import SamplingParams
 from ..plan import RowInput
-from ..plugins.base import LogitsPlugin
 from ..plugins.runner import has_logits_plugins, run_logits_plugins
 from .batch import StepBatch
 from .bias import apply_logit_bias
@@ -48,7 +49,11 @@ PROCESSORS: tuple[tuple[Enabled, Processor], ...] = (
 # A warper: which sampling rows enable it, and how it rewrites the scores [n, W] of
 # exactly those rows (given their params). Only for rows with temperature > 0.
 Wants = Callable[[SamplingParams], bool]
-Warper = Callable[[torch.Tensor, Sequence[SamplingParams]], torch.Tensor]
+
+
+class Warper(Protocol):
+    def __call__(self, scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor: ...
+
 
 # transformers' order; the scores are packed (compact.py) where it pays.
 WARPERS: tuple[tuple[Wants, Warper], ...] = (
@@ -95,8 +100,6 @@ class LogitsPipeline:
                 f"logits of shape {tuple(logits.shape)} for {len(rows)} rows "
                 f"of vocabulary width {self.vocab_size}"
             )
-        if not any(_needs_processing(r.params) for r in rows):
-            return ProcessedLogits(logits, {})
         scores = _process(logits, StepBatch(rows, logits.device))
         errors: dict[int, str] = {}
         if has_logits_plugins(rows):
@@ -114,7 +117,7 @@ def _process(scores: torch.Tensor, batch: StepBatch) -> torch.Tensor:
 
 
 def _warp(scores: torch.Tensor, rows: Sequence[RowInput]) -> torch.Tensor:
-    sampling = [i for i, r in enumerate(rows) if r.params.temperature > 0.0]
+    sampling = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     params = [rows[i].params for i in sampling]
     wanted = [[j for j, p in enumerate(params) if wants(p)] for wants, _ in WARPERS]
     if not any(wanted):
@@ -140,28 +143,7 @@ def _warp(scores: torch.Tensor, rows: Sequence[RowInput]) -> torch.Tensor:
                 if packed is not None:  # top-k done, and packed on the way
                     sub = packed.values  # [n, kmax]
                     continue
-            sub = apply_to_rows(sub, idx, _with_params(warper, chosen))
+            sub = apply_to_rows(sub, idx, functools.partial(warper, params=chosen))
         return packed.unpack(sub) if packed is not None else sub
 
     return apply_to_rows(scores, sampling, warp)
-
-
-def _with_params(
-    warper: Warper, params: Sequence[SamplingParams]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda scores: warper(scores, params)
-
-
-def _needs_processing(p: SamplingParams) -> bool:
-    return (
-        p.temperature > 0.0
-        or bool(p.logit_bias)
-        or p.repetition_penalty != 1.0
-        or p.presence_penalty != 0.0
-        or p.frequency_penalty != 0.0
-        or p.no_repeat_ngram_size > 0
-        or bool(p.bad_words_ids)
-        or (p.min_new_tokens > 0 and bool(p.min_tokens_suppressed))
-        or bool(p.allowed_token_ids)
-        or any(isinstance(b.plugin, LogitsPlugin) for b in p.plugins)
-    )
