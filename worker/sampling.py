@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .plan import RowInput, TokenLogprobs
+from .processors.rows import row_index
 
 _MASK64 = (1 << 64) - 1
 _BLOCK = 1024  # tokens per block when inverting the cumulative distribution
@@ -59,9 +60,9 @@ class Sampler:
             token_ids = torch.empty(len(rows), dtype=torch.long, device=scores.device)  # [N]
             greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
             if greedy:
-                index = torch.tensor(greedy, dtype=torch.long, device=scores.device)
+                index = row_index(greedy, scores.device)
                 token_ids[index] = scores.index_select(0, index).argmax(dim=1)
-            index = torch.tensor(sampled, dtype=torch.long, device=scores.device)
+            index = row_index(sampled, scores.device)
             token_ids[index] = self._sample(scores, rows, sampled)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if any(r.params.logprobs is not None for r in rows):
@@ -72,7 +73,7 @@ class Sampler:
         self, scores: torch.Tensor, rows: Sequence[RowInput], idx: list[int]
     ) -> torch.Tensor:
         """Draw a token for each row `idx` from softmax(scores) -> `[n]`."""
-        index = torch.tensor(idx, dtype=torch.long, device=scores.device)  # [n]
+        index = row_index(idx, scores.device)  # [n]
         sub = scores if len(idx) == scores.shape[0] else scores.index_select(0, index)
         probs = torch.softmax(sub.float(), dim=1)  # [n, V]
         u = self._uniforms([rows[i] for i in idx]).to(scores.device)  # [n, 1] float64
@@ -113,7 +114,7 @@ def token_logprobs(
         if not idx:
             continue
         source = scores if processed else raw_logits
-        index = torch.tensor(idx, dtype=torch.long, device=source.device)  # [n]
+        index = row_index(idx, source.device)  # [n]
         logp = torch.log_softmax(source.index_select(0, index).float(), dim=1)  # [n, V]
         chosen_ids = token_ids.index_select(0, index)  # [n]
         chosen = logp.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()  # [n]

@@ -44,7 +44,6 @@ class Worker:
 
     def __init__(self, loaded: LoadedModel, config: WorkerConfig | None = None) -> None:
         config = config or WorkerConfig()
-        self.loaded = loaded
         self.max_rows = config.max_rows
         self.max_seq_len = config.seq_len_for(loaded)
         shape = KVShape.for_model(

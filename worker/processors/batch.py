@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..plan import RowInput
+from .rows import position_in_row
 
 
 class StepBatch:
@@ -47,7 +48,7 @@ class StepBatch:
         row, ids = self.flat(idx)
         lens = self.lengths(idx)  # [n]
         width = int(lens.max()) if len(idx) else 0
-        col = width - lens[row] + _positions(row, lens)  # [T]
+        col = width - lens[row] + position_in_row(row, lens)  # [T]
         out = torch.full((len(idx), width), -1, dtype=torch.long, device=self._device)  # [n, L]
         out[row, col] = ids
         return out
@@ -58,7 +59,7 @@ class StepBatch:
         prompt = torch.tensor(
             [self.rows[i].prompt_len for i in idx], dtype=torch.long, device=self._device
         )  # [n]
-        generated = _positions(row, self.lengths(idx)) >= prompt[row]  # [T]
+        generated = position_in_row(row, self.lengths(idx)) >= prompt[row]  # [T]
         return row[generated], ids[generated]
 
     def _build(self, idx: Sequence[int], generated_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +75,3 @@ class StepBatch:
             torch.tensor(lens, dtype=torch.long, device=self._device),
         )  # [T]
         return row, tokens
-
-
-def _positions(row: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Index of each flat token `[T]` in its row, given the row lengths `[n]`."""
-    starts = torch.cumsum(lens, 0) - lens  # [n] offset of each row in the flat tensors
-    return torch.arange(row.numel(), device=row.device) - starts[row]  # [T]

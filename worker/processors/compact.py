@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-NEG_INF = float("-inf")
+from .rows import NEG_INF, position_in_row
+
 MAX_FRACTION = 8  # pack only when at most 1/8 of the columns are still possible
 
 
@@ -42,8 +43,7 @@ class PackedScores:
         if width * MAX_FRACTION > vocab:
             return None
         rows, tokens = finite.nonzero(as_tuple=True)  # [F] row-major
-        starts = torch.cumsum(counts, 0) - counts  # [n]
-        slots = torch.arange(rows.numel(), device=scores.device) - starts[rows]  # [F]
+        slots = position_in_row(rows, counts)  # [F]
         values = torch.full((n, max(width, 1)), NEG_INF, dtype=scores.dtype, device=scores.device)
         values[rows, slots] = scores[rows, tokens]
         return cls(values, rows, slots, tokens, scores)

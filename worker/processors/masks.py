@@ -22,8 +22,7 @@ import torch
 
 from ..plan import RowInput
 from .batch import StepBatch
-
-NEG_INF = float("-inf")
+from .rows import NEG_INF, row_index
 
 
 def min_new_tokens_active(row: RowInput) -> bool:
@@ -82,7 +81,7 @@ def apply_allowed_tokens(
     if len(idx) == scores.shape[0]:
         scores.fill_(NEG_INF)  # much cheaper than index_fill_ or a new tensor
     else:
-        scores.index_fill_(0, torch.tensor(idx, dtype=torch.long, device=scores.device), NEG_INF)
+        scores.index_fill_(0, row_index(idx, scores.device), NEG_INF)
     scores[rows, tokens] = allowed
     return scores
 

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .batch import StepBatch
-
-NEG_INF = float("-inf")
+from .rows import NEG_INF, row_index
 
 
 def apply_no_repeat_ngram(
@@ -28,7 +27,7 @@ def apply_no_repeat_ngram(
     for size, group in sorted(by_size.items()):
         local, tokens = banned_tokens(batch.left_padded(group), batch.lengths(group), size)
         keep = tokens < scores.shape[1]  # ids past the score width cannot be generated anyway
-        rows = torch.tensor(group, dtype=torch.long, device=scores.device)[local[keep]]
+        rows = row_index(group, scores.device)[local[keep]]
         scores[rows, tokens[keep]] = NEG_INF
     return scores
 

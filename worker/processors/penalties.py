@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from .batch import StepBatch
+from .rows import row_index
 
 
 def apply_repetition_penalty(
@@ -23,7 +24,7 @@ def apply_repetition_penalty(
 ) -> torch.Tensor:
     """Penalise, in place, the seen tokens of rows `idx` of `scores` `[N, V]`."""
     local, tokens = _in_vocab(*batch.flat(idx), scores.shape[1])  # [T], [T]
-    rows = _batch_rows(idx, scores.device)[local]  # [T] rows of `scores`
+    rows = row_index(idx, scores.device)[local]  # [T] rows of `scores`
     penalty = torch.tensor(
         [batch.rows[i].params.repetition_penalty for i in idx],
         dtype=scores.dtype,
@@ -49,7 +50,7 @@ def apply_presence_frequency(
         [batch.rows[i].params.frequency_penalty for i in idx], device=rows.device
     )
     penalty = presence[rows] + frequency[rows] * counts  # [U] float32: counts stay exact
-    at = (_batch_rows(idx, scores.device)[rows], tokens)
+    at = (row_index(idx, scores.device)[rows], tokens)
     scores.index_put_(at, -penalty.to(scores.device, scores.dtype), accumulate=True)
     return scores
 
@@ -62,7 +63,3 @@ def _in_vocab(
         keep = tokens < vocab
         return rows[keep], tokens[keep]
     return rows, tokens
-
-
-def _batch_rows(idx: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(idx, dtype=torch.long, device=device)  # [n] local row -> batch row

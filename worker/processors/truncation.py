@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ..params import SamplingParams
+from .rows import NEG_INF
 
-NEG_INF = float("-inf")
 FIRST_CANDIDATES = 256  # first ranking width when more tokens than this are still possible
 ALL_CANDIDATES_UP_TO = 1024  # rank every possible token at once when there are at most this many
 

@@ -16,9 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ..params import SamplingParams
-from .rows import column
-
-NEG_INF = float("-inf")
+from .rows import NEG_INF, column
 
 
 def apply_temperature(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
