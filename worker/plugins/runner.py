@@ -8,12 +8,15 @@ Nothing here raises because of a plugin.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
 from ..plan import RowInput
 from .base import LogitsPlugin, Plugin, PluginBinding, StoppingPlugin
+
+_P = TypeVar("_P", LogitsPlugin, StoppingPlugin)
 
 
 class PluginRowErrors(Exception):
@@ -42,16 +45,9 @@ def run_logits_plugins(scores: torch.Tensor, rows: Sequence[RowInput]) -> dict[i
     Returns row index -> message for the rows a plugin failed; such a row
     keeps the scores it had before that plugin and runs no later plugin.
     """
-    chains = [[b for b in r.params.plugins if isinstance(b.plugin, LogitsPlugin)] for r in rows]
     errors: dict[int, str] = {}
-    for depth in range(max((len(c) for c in chains), default=0)):
-        at_depth = [
-            c[depth] if depth < len(c) and i not in errors else None for i, c in enumerate(chains)
-        ]
-        for plugin, idx, states in _group(at_depth):
-            if not isinstance(plugin, LogitsPlugin):  # never: chains hold logits plugins
-                continue
-            errors.update(_call_logits_plugin(plugin, scores, rows, idx, states))
+    for plugin, idx, states in _calls(rows, LogitsPlugin, skip=errors):  # type: ignore[type-abstract]
+        errors.update(_call_logits_plugin(plugin, scores, rows, idx, states))
     return errors
 
 
@@ -64,18 +60,30 @@ def run_stopping_plugins(
     `next_token_ids` `[N]` the chosen tokens. Returns the rows that asked to
     stop and row index -> message for the rows whose stopping plugin raised.
     """
-    chains = [[b for b in r.params.plugins if isinstance(b.plugin, StoppingPlugin)] for r in rows]
     stops: set[int] = set()
     errors: dict[int, str] = {}
-    for depth in range(max((len(c) for c in chains), default=0)):
-        at_depth = [c[depth] if depth < len(c) else None for c in chains]
-        for plugin, idx, states in _group(at_depth):
-            if not isinstance(plugin, StoppingPlugin):  # never: chains hold stopping plugins
-                continue
-            asked, failed = _call_stopping_plugin(plugin, scores, next_token_ids, rows, idx, states)
-            stops |= asked
-            errors.update(failed)
+    for plugin, idx, states in _calls(rows, StoppingPlugin):  # type: ignore[type-abstract]
+        asked, failed = _call_stopping_plugin(plugin, scores, next_token_ids, rows, idx, states)
+        stops |= asked
+        errors.update(failed)
     return stops, errors
+
+
+def _calls(
+    rows: Sequence[RowInput], kind: type[_P], skip: Container[int] = ()
+) -> Iterator[tuple[_P, list[int], list[object]]]:
+    """The calls to make: each plugin of `kind`, depth by depth (every request's
+    first such plugin, then every second one, ...), once per depth with all of
+    its rows and their states. A row in `skip` when its depth comes is left out.
+    """
+    chains = [[b for b in r.params.plugins if isinstance(b.plugin, kind)] for r in rows]
+    for depth in range(max((len(c) for c in chains), default=0)):
+        at_depth = [
+            c[depth] if depth < len(c) and i not in skip else None for i, c in enumerate(chains)
+        ]
+        for plugin, idx, states in _group(at_depth):
+            assert isinstance(plugin, kind)  # the chains hold only plugins of `kind`
+            yield plugin, idx, states
 
 
 def _call_stopping_plugin(
