@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +29,8 @@ from .retry import RetryPolicy, with_retries
 from .session import AsyncSession
 from .streams import ResponseStream, raise_if_error
 from .validation import ParameterError, check_params
+
+_Response = TypeVar("_Response")
 
 log = logging.getLogger("treadle.client")
 
@@ -102,12 +104,7 @@ class AsyncClient:
         stub = self.stub
 
         async def attempt() -> pb.GenerateResponse:
-            try:
-                return await stub.Generate(
-                    request, timeout=self._timeout(timeout), metadata=self._metadata()
-                )
-            except grpc.RpcError as exc:
-                raise error_from_rpc(exc) from None
+            return await self._unary(stub.Generate, request, timeout)
 
         result = result_from_proto(await with_retries(self.retry, attempt, self._count_retry))
         raise_if_error(result.finish)
@@ -144,12 +141,7 @@ class AsyncClient:
 
     async def model_info(self, timeout: float | None = None) -> ModelInfo:
         """The served model and its limits; later requests are checked against those limits."""
-        try:
-            response = await self.stub.ModelInfo(
-                pb.ModelInfoRequest(), timeout=self._timeout(timeout), metadata=self._metadata()
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        response = await self._unary(self.stub.ModelInfo, pb.ModelInfoRequest(), timeout)
         info = model_info_from_proto(response)
         self.limits = dataclasses.replace(
             self.limits or RequestLimits(),
@@ -167,28 +159,27 @@ class AsyncClient:
             if isinstance(prompt, str)
             else pb.TokenizeRequest(chat=chat_to_proto(prompt))
         )
-        try:
-            response = await self.stub.Tokenize(
-                request, timeout=self._timeout(timeout), metadata=self._metadata()
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        response = await self._unary(self.stub.Tokenize, request, timeout)
         return list(response.token_ids)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
         stub = health_pb2_grpc.HealthStub(self._get_channel())
-        try:
-            response = await stub.Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=self._timeout(timeout),
-                metadata=self._metadata(),
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        response = await self._unary(
+            stub.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     # -- helpers ----------------------------------------------------------------------
+    async def _unary(
+        self, method: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
+    ) -> _Response:
+        """One unary call with this client's timeout and metadata; failures become typed errors."""
+        try:
+            return await method(request, timeout=self._timeout(timeout), metadata=self._metadata())
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
     def build_request(
         self,
         prompt: Prompt | None,

@@ -127,13 +127,10 @@ def finish_from_proto(request_id: str, finish: pb.Finish) -> Finish:
     )
 
 
-def event_from_proto(
-    event: pb.GenerateEvent | pb.SessionEvent, request_id: str | None = None
-) -> TokenChunk | Finish:
-    rid = request_id or event.request_id
+def event_from_proto(event: pb.GenerateEvent | pb.SessionEvent) -> TokenChunk | Finish:
     if event.HasField("token"):
-        return chunk_from_proto(rid, event.token)
-    return finish_from_proto(rid, event.finish)
+        return chunk_from_proto(event.request_id, event.token)
+    return finish_from_proto(event.request_id, event.finish)
 
 
 def result_from_proto(response: pb.GenerateResponse) -> Result:

@@ -11,7 +11,7 @@ import grpc
 from treadle.v1 import treadle_pb2 as pb
 
 from .convert import event_from_proto
-from .errors import error_from_number, error_from_rpc
+from .errors import TreadleClientError, error_for, error_from_number, error_from_rpc
 from .results import Event, Finish, FinishReason, Result, TokenChunk, TokenLogprob
 from .retry import RetryPolicy, with_retries
 
@@ -37,7 +37,6 @@ class ResponseStream:
         self._retry = retry
         self._on_retry = on_retry
         self._call: Any = None
-        self._first: pb.GenerateEvent | None = None
         self._done = False
 
     async def __aenter__(self) -> ResponseStream:
@@ -87,14 +86,13 @@ class ResponseStream:
 
     async def _next_message(self) -> pb.GenerateEvent:
         if self._call is None:
-            self._call, first = await with_retries(self._retry, self._open, self._on_retry)
-            return first
+            return await with_retries(self._retry, self._open, self._on_retry)
         return await _read(self._call)
 
-    async def _open(self) -> tuple[Any, pb.GenerateEvent]:
-        call = self._open_call()
-        self._call = call
-        return call, await _read(call)
+    async def _open(self) -> pb.GenerateEvent:
+        """Start the call (kept at once, so `cancel()` reaches it) and read its first event."""
+        self._call = self._open_call()
+        return await _read(self._call)
 
 
 async def _read(call: Any) -> pb.GenerateEvent:
@@ -104,7 +102,7 @@ async def _read(call: Any) -> pb.GenerateEvent:
     except grpc.RpcError as exc:
         raise error_from_rpc(exc) from None
     if message is grpc.aio.EOF:
-        raise error_from_number(13, "the stream ended without a finish event")
+        raise _no_finish()
     return message
 
 
@@ -126,4 +124,8 @@ async def collect(events: AsyncIterator[Event] | Awaitable[Any]) -> Result:
         else:
             raise_if_error(event)
             return Result(event.request_id, "".join(text), tuple(ids), event, tuple(logprobs))
-    raise error_from_number(13, "the stream ended without a finish event")
+    raise _no_finish()
+
+
+def _no_finish() -> TreadleClientError:
+    return error_for(grpc.StatusCode.INTERNAL, "the stream ended without a finish event")
