@@ -43,8 +43,7 @@ async def served(tiny: LoadedModel) -> Any:
 
     s = await start_served(tiny)
     yield s
-    await s.channel.close()
-    await s.server.drain()
+    await s.stop()
 
 
 @pytest.fixture

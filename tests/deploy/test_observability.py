@@ -55,8 +55,7 @@ async def exported(tiny: LoadedModel) -> set[str]:
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
     finally:
-        await served.channel.close()
-        await served.server.drain()
+        await served.stop()
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
 

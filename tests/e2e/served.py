@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
+from tls_certs import TlsFiles
 
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.server import ServerConfig, TreadleServer
@@ -31,6 +32,11 @@ class Served:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+    async def stop(self) -> None:
+        """Close the test's channel and drain the server."""
+        await self.channel.close()
+        await self.server.drain()
 
     def metrics(self) -> dict[str, float]:
         """Scrape /metrics and parse it with prometheus-client's own parser."""
@@ -97,6 +103,22 @@ async def start_served(
         else grpc.aio.insecure_channel(target)
     )
     return Served(server, engine, channel, pb_grpc.GenerationStub(channel))
+
+
+async def start_secured(tiny: LoadedModel, tls: TlsFiles, token: str) -> Served:
+    """A server requiring mutual TLS (client certificates signed by `tls.client_ca`)
+    and the bearer `token`; its test channel presents the client certificate only."""
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        tls_cert=tls.server_cert,
+        tls_key=tls.server_key,
+        tls_client_ca=tls.client_ca,
+        auth_token=token,
+    )
+    creds = grpc.ssl_channel_credentials(tls.ca.cert, tls.client.key, tls.client.cert)
+    return await start_served(tiny, server_config=config, credentials=creds)
 
 
 def greedy(

@@ -77,8 +77,7 @@ async def test_a_failed_request_fails_the_command(tiny: LoadedModel) -> None:
         assert code == 0 and "[error: " in err and "kaboom" in err
         assert out.count("> ") == 2  # the question failed; the chat went on
     finally:
-        await served.channel.close()
-        await served.server.drain()
+        await served.stop()
 
 
 async def test_bad_flag_values_are_named_by_argparse(served: Served) -> None:
@@ -150,8 +149,7 @@ async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await served.channel.close()
-        await served.server.drain()
+        await served.stop()
     text = out.decode()
     assert text.count("[stopped]") == 1
     third = text.split("[stopped]")[1].split("> ")[-2]  # the answer after the stop

@@ -6,9 +6,8 @@ import asyncio
 import socket
 from pathlib import Path
 
-import grpc
 import pytest
-from e2e.served import Served, greedy, start_served
+from e2e.served import Served, greedy, start_secured, start_served
 from helpers import make_tiny_model
 from tls_certs import make_tls
 
@@ -162,8 +161,7 @@ async def test_retry_when_the_target_is_down_then_comes_up(tiny: LoadedModel) ->
         result = await client.generate(token_ids=PROMPT, max_new_tokens=4, ignore_eos=True)
         assert len(result.token_ids) == 4
         assert client.retries >= 1
-    await started[0].channel.close()
-    await started[0].server.drain()
+    await started[0].stop()
 
 
 async def test_no_retry_once_a_token_has_arrived(served: Served) -> None:
@@ -245,17 +243,7 @@ async def test_model_info_sets_the_client_side_limits(served: Served) -> None:
 
 async def test_tls_token_and_metadata_through_the_sdk(tiny: LoadedModel, tmp_path: Path) -> None:
     tls = make_tls(tmp_path)
-    config = ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        tls_cert=tls.server_cert,
-        tls_key=tls.server_key,
-        tls_client_ca=tls.client_ca,
-        auth_token="s3cret",
-    )
-    grpc_creds = grpc.ssl_channel_credentials(tls.ca.cert, tls.client.key, tls.client.cert)
-    s = await start_served(tiny, server_config=config, credentials=grpc_creds)
+    s = await start_secured(tiny, tls, "s3cret")
     good = TlsConfig(tls.ca.cert, tls.client.cert, tls.client.key, server_name="localhost")
     try:
         async with AsyncClient(
@@ -268,8 +256,7 @@ async def test_tls_token_and_metadata_through_the_sdk(tiny: LoadedModel, tmp_pat
                 await client.generate(token_ids=PROMPT, max_new_tokens=3)
             assert await client.health() == "SERVING"  # health needs no token
     finally:
-        await s.channel.close()
-        await s.server.drain()
+        await s.stop()
 
 
 async def test_oversized_requests_are_refused(tiny: LoadedModel) -> None:
@@ -283,5 +270,4 @@ async def test_oversized_requests_are_refused(tiny: LoadedModel) -> None:
             assert "2048" in info.value.message or "larger than max" in info.value.message
             assert len((await client.generate("short", max_new_tokens=2)).token_ids) == 2
     finally:
-        await s.channel.close()
-        await s.server.drain()
+        await s.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from e2e.served import Served, greedy, read_rest, start_served
+from e2e.served import Served, greedy, read_rest, start_secured, start_served
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import drive, make_tiny_model
 from tls_certs import make_tls
@@ -197,8 +197,7 @@ async def test_full_queue_answers_resource_exhausted(tiny: LoadedModel) -> None:
         first.cancel()
         assert tokens_of(await read_rest(second)) != []
     finally:
-        await s.channel.close()
-        await s.server.drain()
+        await s.stop()
 
 
 async def test_health_follows_start_serve_and_drain(tiny: LoadedModel) -> None:
@@ -252,17 +251,7 @@ async def test_model_info_and_tokenize(served: Served, tokenizer: object) -> Non
 
 async def test_tls_and_token(tiny: LoadedModel, tmp_path: Path) -> None:
     tls = make_tls(tmp_path)
-    config = ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        tls_cert=tls.server_cert,
-        tls_key=tls.server_key,
-        tls_client_ca=tls.client_ca,
-        auth_token="s3cret",
-    )
-    good = grpc.ssl_channel_credentials(tls.ca.cert, tls.client.key, tls.client.cert)
-    s = await start_served(tiny, server_config=config, credentials=good)
+    s = await start_secured(tiny, tls, "s3cret")
     try:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await s.stub.Generate(greedy(PROMPT, 2))
@@ -289,5 +278,4 @@ async def test_tls_and_token(tiny: LoadedModel, tmp_path: Path) -> None:
                     )
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake failed
     finally:
-        await s.channel.close()
-        await s.server.drain()
+        await s.stop()

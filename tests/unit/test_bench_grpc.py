@@ -160,8 +160,7 @@ async def test_w1_and_w2_over_grpc_account_for_every_token(
             async for _ in grpc_stream(served.stub)(too_long):
                 pass
     finally:
-        await served.channel.close()
-        await served.server.drain()
+        await served.stop()
 
     assert seen == ["w1_grpc", "w2_grpc"]
     for run in (w1, w2):
@@ -187,8 +186,7 @@ async def test_the_bench_checks_the_model_the_server_serves(
         with pytest.raises(BenchmarkError, match="runs 4 rows"):
             await run_grpc_runs(served.channel, workload, wrong_rows, tiny.name, quiet(), ignore)
     finally:
-        await served.channel.close()
-        await served.server.drain()
+        await served.stop()
 
 
 # -- the server as a process ----------------------------------------------------------------
