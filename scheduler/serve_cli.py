@@ -14,143 +14,95 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..client.limits import RequestLimits
+
 
 def _env(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
     value = os.environ.get(name)
     return kind(value) if value not in (None, "") else default
 
 
+def _flag(
+    p: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], default: Any, help: str
+) -> None:
+    """A flag whose default comes from TREADLE_<FLAG> when set; the help names the variable."""
+    env = "TREADLE_" + flag.removeprefix("--").replace("-", "_").upper()
+    p.add_argument(flag, type=kind, default=_env(env, default, kind), help=f"{help} [{env}]")
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the serve flags; defaults come from TREADLE_* environment variables."""
-    p.add_argument(
-        "--model",
-        default=_env("TREADLE_MODEL", None),
-        help="model to serve: a transformers folder, a .gguf file or a hub id "
-        "(default: the embedded SmolLM2-135M-Instruct) [TREADLE_MODEL]",
-    )
-    p.add_argument(
-        "--device",
-        default=_env("TREADLE_DEVICE", None),
-        help="cpu or cuda (default: cuda when available) [TREADLE_DEVICE]",
-    )
-    p.add_argument(
-        "--max-batch-rows",
-        type=int,
-        default=_env("TREADLE_MAX_BATCH_ROWS", 64, int),
-        help="sequences running at once (KV rows) [TREADLE_MAX_BATCH_ROWS]",
-    )
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=_env("TREADLE_MAX_SEQ_LEN", None, int),
-        help="KV positions per row, i.e. prompt + new tokens of one request "
-        "(default: min(model context, 2048)) [TREADLE_MAX_SEQ_LEN]",
-    )
-    p.add_argument(
-        "--prefill-token-budget",
-        type=int,
-        default=_env("TREADLE_PREFILL_TOKEN_BUDGET", 512, int),
-        help="prompt tokens admitted per step [TREADLE_PREFILL_TOKEN_BUDGET]",
-    )
-    p.add_argument(
-        "--max-waiting",
-        type=int,
-        default=_env("TREADLE_MAX_WAITING", 1024, int),
-        help="queued requests beyond which new ones are refused [TREADLE_MAX_WAITING]",
-    )
-    p.add_argument(
-        "--prefix-cache-rows",
-        type=int,
-        default=_env("TREADLE_PREFIX_CACHE_ROWS", 4, int),
-        help="spare KV rows caching recent prompts for prefix reuse; 0 = off "
-        "[TREADLE_PREFIX_CACHE_ROWS]",
-    )
-    p.add_argument(
-        "--host",
-        default=_env("TREADLE_HOST", "0.0.0.0"),
-        help="address to listen on [TREADLE_HOST]",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=_env("TREADLE_PORT", 50051, int),
-        help="gRPC port; 0 picks a free one [TREADLE_PORT]",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=_env("TREADLE_METRICS_PORT", 9090, int),
-        help="Prometheus /metrics port; -1 = off, 0 picks a free one [TREADLE_METRICS_PORT]",
-    )
-    p.add_argument(
-        "--grace-period",
-        type=float,
-        default=_env("TREADLE_GRACE_PERIOD", 30.0, float),
-        help="seconds running requests get to finish on SIGTERM [TREADLE_GRACE_PERIOD]",
-    )
-    p.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=_env("TREADLE_TLS_CERT", None, Path),
-        help="server certificate (PEM); with --tls-key serves TLS [TREADLE_TLS_CERT]",
-    )
-    p.add_argument(
-        "--tls-key",
-        type=Path,
-        default=_env("TREADLE_TLS_KEY", None, Path),
-        help="server private key (PEM) [TREADLE_TLS_KEY]",
-    )
-    p.add_argument(
-        "--tls-client-ca",
-        type=Path,
-        default=_env("TREADLE_TLS_CLIENT_CA", None, Path),
-        help="CA certificate (PEM) that client certificates must chain to: mutual TLS "
-        "[TREADLE_TLS_CLIENT_CA]",
-    )
-    p.add_argument(
-        "--auth-token-file",
-        type=Path,
-        default=_env("TREADLE_AUTH_TOKEN_FILE", None, Path),
-        help="file holding the bearer token every call but health must carry; the token "
-        "itself may be given in TREADLE_AUTH_TOKEN instead [TREADLE_AUTH_TOKEN_FILE]",
-    )
-    p.add_argument(
-        "--max-connection-age",
-        type=float,
-        default=_env("TREADLE_MAX_CONNECTION_AGE", 300.0, float),
-        help="seconds after which a client connection is closed gracefully, so clients "
-        "re-resolve and spread over new replicas; 0 = never [TREADLE_MAX_CONNECTION_AGE]",
-    )
-    p.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=_env("TREADLE_MAX_REQUEST_BYTES", 4 * 2**20, int),
-        help="largest request message accepted [TREADLE_MAX_REQUEST_BYTES]",
-    )
-    p.add_argument(
-        "--default-max-new-tokens",
-        type=int,
-        default=_env("TREADLE_DEFAULT_MAX_NEW_TOKENS", 256, int),
-        help="max_new_tokens of requests that leave it unset [TREADLE_DEFAULT_MAX_NEW_TOKENS]",
-    )
-    p.add_argument(
-        "--max-stop-strings",
-        type=int,
-        default=_env("TREADLE_MAX_STOP_STRINGS", 16, int),
-        help="stop strings allowed per request [TREADLE_MAX_STOP_STRINGS]",
-    )
-    p.add_argument(
-        "--max-plugins",
-        type=int,
-        default=_env("TREADLE_MAX_PLUGINS", 8, int),
-        help="plugins allowed per request [TREADLE_MAX_PLUGINS]",
-    )
-    p.add_argument(
-        "--max-top-logprobs",
-        type=int,
-        default=_env("TREADLE_MAX_TOP_LOGPROBS", 20, int),
-        help="logprob alternatives allowed per token [TREADLE_MAX_TOP_LOGPROBS]",
-    )
+    limits = RequestLimits()
+    for flag, kind, default, help in (
+        (
+            "--model",
+            str,
+            None,
+            "model to serve: a transformers folder, a .gguf file or a hub id "
+            "(default: the embedded SmolLM2-135M-Instruct)",
+        ),
+        ("--device", str, None, "cpu or cuda (default: cuda when available)"),
+        ("--max-batch-rows", int, 64, "sequences running at once (KV rows)"),
+        (
+            "--max-seq-len",
+            int,
+            None,
+            "KV positions per row, i.e. prompt + new tokens of one request "
+            "(default: min(model context, 2048))",
+        ),
+        ("--prefill-token-budget", int, 512, "prompt tokens admitted per step"),
+        ("--max-waiting", int, 1024, "queued requests beyond which new ones are refused"),
+        (
+            "--prefix-cache-rows",
+            int,
+            4,
+            "spare KV rows caching recent prompts for prefix reuse; 0 = off",
+        ),
+        ("--host", str, "0.0.0.0", "address to listen on"),
+        ("--port", int, 50051, "gRPC port; 0 picks a free one"),
+        ("--metrics-port", int, 9090, "Prometheus /metrics port; -1 = off, 0 picks a free one"),
+        ("--grace-period", float, 30.0, "seconds running requests get to finish on SIGTERM"),
+        ("--tls-cert", Path, None, "server certificate (PEM); with --tls-key serves TLS"),
+        ("--tls-key", Path, None, "server private key (PEM)"),
+        (
+            "--tls-client-ca",
+            Path,
+            None,
+            "CA certificate (PEM) that client certificates must chain to: mutual TLS",
+        ),
+        (
+            "--auth-token-file",
+            Path,
+            None,
+            "file holding the bearer token every call but health must carry; the token "
+            "itself may be given in TREADLE_AUTH_TOKEN instead",
+        ),
+        (
+            "--max-connection-age",
+            float,
+            300.0,
+            "seconds after which a client connection is closed gracefully, so clients "
+            "re-resolve and spread over new replicas; 0 = never",
+        ),
+        ("--max-request-bytes", int, 4 * 2**20, "largest request message accepted"),
+        (
+            "--default-max-new-tokens",
+            int,
+            limits.default_max_new_tokens,
+            "max_new_tokens of requests that leave it unset",
+        ),
+        ("--max-stop-strings", int, limits.max_stop_strings, "stop strings allowed per request"),
+        ("--max-plugins", int, limits.max_plugins, "plugins allowed per request"),
+        (
+            "--max-top-logprobs",
+            int,
+            limits.max_top_logprobs,
+            "logprob alternatives allowed per token",
+        ),
+        ("--seed", int, None, "sampling seed for requests without their own"),
+        ("--log-level", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
+    ):
+        _flag(p, flag, kind, default, help)
     p.add_argument(
         "--plugin",
         action="append",
@@ -158,17 +110,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="[NAME=]MODULE:ATTR",
         help="register a logits-processor / stopping-criteria plugin (repeatable) "
         "[TREADLE_PLUGINS, comma-separated]",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=_env("TREADLE_SEED", None, int),
-        help="sampling seed for requests without their own [TREADLE_SEED]",
-    )
-    p.add_argument(
-        "--log-level",
-        default=_env("TREADLE_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING, ERROR [TREADLE_LOG_LEVEL]",
     )
 
 
