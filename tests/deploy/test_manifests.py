@@ -254,7 +254,9 @@ def test_config_sets_only_settings_the_server_reads(
     """A misspelt TREADLE_* variable would be ignored in silence: every key must be one that
     `treadle serve` reads, and the values must parse with its own flag parser."""
     config = config_env(rendered(overlay))
-    known = set(re.findall(r"TREADLE_[A-Z_]+", (REPO / "scheduler" / "serve_cli.py").read_text()))
+    help_text = argparse.ArgumentParser()
+    add_serve_arguments(help_text)
+    known = set(re.findall(r"TREADLE_[A-Z_]+", help_text.format_help()))  # each flag names its own
     assert set(config) <= known, set(config) - known
     for key, value in config.items():
         monkeypatch.setenv(key, value)
