@@ -39,18 +39,20 @@ class PrefixCache:
         """The spare row holding `prompt`'s longest cached prefix, and that prefix's length.
 
         At least one prompt token is always left to prefill (its logits give
-        the first new token).
+        the first new token). Looking changes nothing; `use` marks a reuse.
         """
         best: tuple[_Entry, int] | None = None
         for entry in self._entries:
             n = min(_common_prefix_len(entry.tokens, prompt), len(prompt) - 1)
             if n >= self.min_tokens and (best is None or n > best[1]):
                 best = (entry, n)
-        if best is None:
-            return None
-        entry, n = best
-        entry.last_used = next(self._clock)
-        return entry.row, n
+        return None if best is None else (best[0].row, best[1])
+
+    def use(self, row: int) -> None:
+        """The cached prefix in spare `row` was just reused (for the LRU order)."""
+        for entry in self._entries:
+            if entry.row == row:
+                entry.last_used = next(self._clock)
 
     def save(self, prompt: list[int], row: int) -> RowMove | None:
         """Cache the prompt just prefilled in `row`; return the copy into a spare row, if any."""

@@ -141,6 +141,7 @@ class Scheduler:
             row = self.rows.allocate(req)
             req.admit(row, now, cached)
             if hit:
+                self.prefix.use(hit[0])
                 plan.moves.append(RowMove(src=hit[0], dst=row, length=cached))
             budget -= req.prompt_len - cached
             plan.prefill.append(req.row_input())

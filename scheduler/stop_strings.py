@@ -49,9 +49,10 @@ class StopStringMatcher:
     def _held_suffix(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
         longest = 0
+        last = text[-1:]  # a candidate prefix must end with the text's last character
         for stop in self.stops:
             for n in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:n]):
+                if stop[n - 1] == last and text.endswith(stop[:n]):
                     longest = n
                     break
         return longest
