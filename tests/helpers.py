@@ -13,6 +13,8 @@ from treadle.scheduler.engine import Engine
 from treadle.scheduler.events import Event, FinishEvent, TokenEvent
 from treadle.scheduler.generation_request import GenerationRequest
 from treadle.worker.loader import LoadedModel
+from treadle.worker.params import SamplingParams
+from treadle.worker.plan import RowInput
 from treadle.worker.plugins.base import LogitsPlugin, PluginContext
 
 
@@ -172,3 +174,18 @@ class BanEverything(LogitsPlugin):
 
     def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
         return torch.full_like(scores, -torch.inf)
+
+
+def decode_row(
+    token_ids: list[int], params: SamplingParams, i: int = 0, prompt_len: int = 1
+) -> RowInput:
+    """Row `i` of a decode step whose history is `token_ids` (the first `prompt_len` the prompt)."""
+    return RowInput(
+        key=f"r{i}",
+        row=i,
+        input_ids=token_ids[-1:],
+        start=len(token_ids) - 1,
+        token_ids=token_ids,
+        prompt_len=prompt_len,
+        params=params,
+    )

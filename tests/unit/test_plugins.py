@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import decode_row
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LogitsProcessor, PreTrainedTokenizerFast, TemperatureLogitsWarper
 
@@ -37,15 +38,7 @@ CTX = PluginContext(tokenizer=None, vocab_size=V, eos_token_ids=(0,))
 def make_row(
     token_ids: list[int], plugins: Sequence[PluginBinding] = (), i: int = 0, **params: Any
 ) -> RowInput:
-    return RowInput(
-        key=f"r{i}",
-        row=i,
-        input_ids=token_ids[-1:],
-        start=len(token_ids) - 1,
-        token_ids=token_ids,
-        prompt_len=1,
-        params=SamplingParams(plugins=tuple(plugins), **params),
-    )
+    return decode_row(token_ids, SamplingParams(plugins=tuple(plugins), **params), i)
 
 
 class AddOne(LogitsPlugin):

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import decode_row
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 from transformers.generation.logits_process import (
     LogitsProcessor,
@@ -35,15 +36,7 @@ V = 96  # small vocabulary: repeated tokens and n-grams are common in random his
 
 
 def make_row(token_ids: list[int], prompt_len: int, params: SamplingParams, i: int = 0) -> RowInput:
-    return RowInput(
-        key=f"r{i}",
-        row=i,
-        input_ids=token_ids[-1:],
-        start=len(token_ids) - 1,
-        token_ids=token_ids,
-        prompt_len=prompt_len,
-        params=params,
-    )
+    return decode_row(token_ids, params, i, prompt_len)
 
 
 def random_history(rng: random.Random, alphabet: int = 12) -> tuple[list[int], int]:
@@ -53,10 +46,10 @@ def random_history(rng: random.Random, alphabet: int = 12) -> tuple[list[int], i
     return [rng.randrange(alphabet) for _ in range(prompt_len + generated)], prompt_len
 
 
-@pytest.fixture(scope="module")
-def tiny_model() -> LlamaForCausalLM:
+def tiny_llama(vocab: int) -> LlamaForCausalLM:
+    """A one-layer llama: only its generation config machinery is used here."""
     config = LlamaConfig(
-        vocab_size=V,
+        vocab_size=vocab,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
@@ -64,6 +57,11 @@ def tiny_model() -> LlamaForCausalLM:
         num_key_value_heads=1,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama(V)
 
 
 class PresenceFrequency(LogitsProcessor):
@@ -281,21 +279,10 @@ def test_every_stage_on_every_row(
         SamplingParams(temperature=1.0, top_k=100, top_p=0.8, typical_p=0.9),
     ],
 )
-def test_top_p_and_typical_p_on_a_wide_vocabulary(
-    params: SamplingParams, tiny_model: LlamaForCausalLM
-) -> None:
+def test_top_p_and_typical_p_on_a_wide_vocabulary(params: SamplingParams) -> None:
     """Flat and peaked rows over 4096 tokens: the ranking has to widen past its first guess."""
     vocab = 4096
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+    model = tiny_llama(vocab)
     g = torch.Generator().manual_seed(3)
     scale = torch.tensor([[0.3], [1.0], [3.0], [8.0]])  # from nearly flat to peaked
     logits = torch.randn(4, vocab, generator=g) * scale

@@ -6,27 +6,16 @@ import math
 
 import pytest
 import torch
+from helpers import decode_row
 
 from treadle.worker.params import LogprobsParams, SamplingParams
-from treadle.worker.plan import RowInput
 from treadle.worker.processors import LogitsPipeline
 from treadle.worker.sampling import Sampler
 
 V = 64
 
 
-def make_row(
-    token_ids: list[int], params: SamplingParams, i: int = 0, prompt_len: int = 1
-) -> RowInput:
-    return RowInput(
-        key=f"r{i}",
-        row=i,
-        input_ids=token_ids[-1:],
-        start=len(token_ids) - 1,
-        token_ids=token_ids,
-        prompt_len=prompt_len,
-        params=params,
-    )
+make_row = decode_row
 
 
 def test_greedy_rows_take_the_argmax_and_get_no_logprobs() -> None:
