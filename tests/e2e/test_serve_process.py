@@ -31,13 +31,19 @@ def tiny_model_dir(tmp_path: Path, tokenizer: Any) -> Path:
     return tmp_path / "tiny"
 
 
+SERVE = [sys.executable, "-m", "treadle.client.cli", "serve"]
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `treadle serve` on loopback with metrics off, to completion (bounded)."""
+    command = [*SERVE, "--host", "127.0.0.1", "--metrics-port", "-1", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, int]:
     """Start `treadle serve`; return it and its gRPC port, read from its log."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "treadle.client.cli",
-        "serve",
+        *SERVE,
         *args,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -99,48 +105,12 @@ async def test_port_taken_and_missing_model_give_clear_errors(tmp_path: Path) ->
     blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = blocker.sockets[0].getsockname()[1]
     try:
-        taken = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "treadle.client.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-port",
-                "-1",
-                "--model",
-                str(tmp_path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        taken = run_serve("--port", str(port), "--model", str(tmp_path))
     finally:
         blocker.close()
     assert taken.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr
 
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "treadle.client.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--model",
-            str(tmp_path / "nowhere"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = run_serve("--port", "0", "--model", str(tmp_path / "nowhere"))
     assert missing.returncode == 1
     assert "neither a model folder nor a .gguf file" in missing.stderr
