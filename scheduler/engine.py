@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from ..client.limits import RequestLimits
 from ..worker.loader import LoadedModel, load_model
 from ..worker.plugins import PluginRegistry, default_registry
-from ..worker.plugins.base import PluginContext
 from ..worker.worker import Worker, WorkerConfig
 from .errors import DuplicateRequestError, EngineUnavailableError, QueueFullError
 from .event_stream import EventStream
@@ -113,18 +112,7 @@ class Engine:
             eos_token_ids=loaded.eos_token_ids,
         )
         self.inputs = InputProcessor(loaded.tokenizer, loaded.vocab_size)
-        self.factory = RequestFactory(
-            inputs=self.inputs,
-            detok_tokenizer=loaded.tokenizer,
-            model=self.model_limits,
-            limits=config.limits,
-            plugins=self.plugins,
-            plugin_context=PluginContext(
-                tokenizer=self.inputs.tokenizer,
-                vocab_size=loaded.vocab_size,
-                eos_token_ids=loaded.eos_token_ids,
-            ),
-        )
+        self.factory = RequestFactory(self.inputs, self.model_limits, config.limits, self.plugins)
         self.step_observers: list[Callable[[StepStats], None]] = []
         self._inbox: queue.SimpleQueue[Request | _Abort | _AbortAll] = queue.SimpleQueue()
         self._wake = threading.Event()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from ..client.limits import RequestLimits
 from ..client.validation import ParameterError, check_params, check_seconds
@@ -38,18 +37,19 @@ class RequestFactory:
     def __init__(
         self,
         inputs: InputProcessor,
-        detok_tokenizer: Any,
         model: ModelLimits,
         limits: RequestLimits,
         plugins: PluginRegistry,
-        plugin_context: PluginContext,
     ) -> None:
         self.inputs = inputs
-        self.detok_tokenizer = detok_tokenizer
         self.model = model
         self.limits = limits
         self.plugins = plugins
-        self.plugin_context = plugin_context
+        self.plugin_context = PluginContext(
+            tokenizer=inputs.tokenizer,
+            vocab_size=model.vocab_size,
+            eos_token_ids=model.eos_token_ids,
+        )
 
     def build(self, gen: GenerationRequest, request_id: str, sink: EventSink) -> Request:
         """Validate `gen` and return a queued-to-be `Request`; raises ValidationError."""
@@ -70,7 +70,7 @@ class RequestFactory:
             sampling=sampling,
             stopping=stopping,
             detokenizer=IncrementalDetokenizer(
-                self.detok_tokenizer, prompt_ids, gen.skip_special_tokens
+                self.inputs.tokenizer, prompt_ids, gen.skip_special_tokens
             ),
             sink=sink,
             priority=gen.priority,
