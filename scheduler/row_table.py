@@ -16,9 +16,8 @@ class RowTable:
     moves the worker must apply before its next forward.
     """
 
-    def __init__(self, rows: int, max_len: int) -> None:
+    def __init__(self, rows: int) -> None:
         self.capacity = rows
-        self.max_len = max_len  # KV positions per row
         self._rows: list[Request] = []
 
     def __len__(self) -> int:
@@ -27,11 +26,13 @@ class RowTable:
     def __iter__(self) -> Iterator[Request]:
         return iter(self._rows)
 
-    def can_allocate(self, req: Request) -> bool:
-        return len(self._rows) < self.capacity and req.max_total_len <= self.max_len
+    @property
+    def has_free_row(self) -> bool:
+        return len(self._rows) < self.capacity
 
     def allocate(self, req: Request) -> int:
-        if not self.can_allocate(req):
+        """Give `req` the next row (requests that fit a row: `Scheduler.add` checks)."""
+        if not self.has_free_row:
             raise RuntimeError(f"no row for request {req.request_id}")
         self._rows.append(req)
         return len(self._rows) - 1

@@ -70,7 +70,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.rows = RowTable(config.max_rows, config.max_seq_len)
+        self.rows = RowTable(config.max_rows)
         self.waiting = WaitingQueue()
         self.prefix = PrefixCache(
             config.max_rows, config.prefix_cache_rows, config.prefix_min_tokens
@@ -132,7 +132,7 @@ class Scheduler:
         self._pending_moves = []
         plan.decode = [req.row_input() for req in self.rows]
         budget = self.config.prefill_token_budget
-        while (req := self.waiting.peek()) is not None and self.rows.can_allocate(req):
+        while self.rows.has_free_row and (req := self.waiting.peek()) is not None:
             hit = self.prefix.match(req.prompt_ids)
             cached = hit[1] if hit else 0
             if plan.prefill and req.prompt_len - cached > budget:
