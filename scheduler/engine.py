@@ -23,12 +23,12 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..client.limits import RequestLimits
 from ..worker.loader import LoadedModel, load_model
 from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.worker import Worker, WorkerConfig
+from .engine_config import EngineConfig
 from .errors import DuplicateRequestError, EngineUnavailableError, QueueFullError
 from .event_stream import EventStream
 from .events import CANCELLED, SHUTTING_DOWN, Ending, Event, FinishEvent, FinishReason
@@ -40,21 +40,6 @@ from .step_stats import StepStats
 from .validation import ModelLimits, RequestFactory
 
 log = logging.getLogger("treadle.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine settings; the `treadle serve` flags map onto these."""
-
-    model: str | None = None  # None: the embedded SmolLM2; else a folder, .gguf or hub id
-    device: str | None = None  # None: cuda if available, else cpu
-    max_batch_rows: int = 64  # sequences running at once (KV rows)
-    max_seq_len: int | None = None  # KV positions per row; None: min(context, 2048)
-    prefill_token_budget: int = 512  # prompt tokens admitted per step
-    prefix_cache_rows: int = 4  # spare KV rows caching recent prompts' KV; 0 = off
-    max_waiting: int = 1024  # queued requests beyond which submit raises QueueFullError
-    seed: int | None = None  # sampling seed for requests without their own
-    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 _SCHEDULER_ERROR = Ending(FinishReason.ERROR, "internal error in the scheduler")

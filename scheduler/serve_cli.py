@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..client.limits import RequestLimits
+from .engine_config import EngineConfig
 
 
 def _env(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
@@ -32,7 +32,8 @@ def _flag(
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the serve flags; defaults come from TREADLE_* environment variables."""
-    limits = RequestLimits()
+    engine = EngineConfig()
+    limits = engine.limits
     for flag, kind, default, help in (
         (
             "--model",
@@ -42,7 +43,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             "(default: the embedded SmolLM2-135M-Instruct)",
         ),
         ("--device", str, None, "cpu or cuda (default: cuda when available)"),
-        ("--max-batch-rows", int, 64, "sequences running at once (KV rows)"),
+        ("--max-batch-rows", int, engine.max_batch_rows, "sequences running at once (KV rows)"),
         (
             "--max-seq-len",
             int,
@@ -50,12 +51,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             "KV positions per row, i.e. prompt + new tokens of one request "
             "(default: min(model context, 2048))",
         ),
-        ("--prefill-token-budget", int, 512, "prompt tokens admitted per step"),
-        ("--max-waiting", int, 1024, "queued requests beyond which new ones are refused"),
+        (
+            "--prefill-token-budget",
+            int,
+            engine.prefill_token_budget,
+            "prompt tokens admitted per step",
+        ),
+        (
+            "--max-waiting",
+            int,
+            engine.max_waiting,
+            "queued requests beyond which new ones are refused",
+        ),
         (
             "--prefix-cache-rows",
             int,
-            4,
+            engine.prefix_cache_rows,
             "spare KV rows caching recent prompts for prefix reuse; 0 = off",
         ),
         ("--host", str, "0.0.0.0", "address to listen on"),
