@@ -1,11 +1,10 @@
 """The logits pipeline against transformers' own processors and warpers, row by row.
 
-Every comparison builds the equivalent `GenerationConfig` for one row, asks a
-tiny Llama model for its processor list (`_get_logits_processor`, the list
-`generate` uses) and applies it to that row alone; our pipeline processes the
-whole mixed batch at once. Presence/frequency penalties, which transformers
-lacks, are checked against their formula and slotted into transformers' list
-right after the repetition penalty.
+Every comparison builds transformers' own public processor and warper classes
+for one row, in the order `generate` applies them, and runs them on that row
+alone; our pipeline processes the whole mixed batch at once. Presence/frequency
+penalties, which transformers lacks, are checked against their formula and
+slotted into transformers' list right after the repetition penalty.
 """
 
 from __future__ import annotations
@@ -17,11 +16,20 @@ from typing import Any
 import pytest
 import torch
 from helpers import decode_row
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
-from transformers.generation.logits_process import (
+from transformers import (
     LogitsProcessor,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 from treadle.worker.params import LogprobsParams, SamplingParams
@@ -46,24 +54,6 @@ def random_history(rng: random.Random, alphabet: int = 12) -> tuple[list[int], i
     return [rng.randrange(alphabet) for _ in range(prompt_len + generated)], prompt_len
 
 
-def tiny_llama(vocab: int) -> LlamaForCausalLM:
-    """A one-layer llama: only its generation config machinery is used here."""
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> LlamaForCausalLM:
-    return tiny_llama(V)
-
-
 class PresenceFrequency(LogitsProcessor):
     """The OpenAI formula, for slotting into transformers' list (it has no equivalent)."""
 
@@ -77,58 +67,56 @@ class PresenceFrequency(LogitsProcessor):
         return scores - self.presence * (counts > 0).float() - self.frequency * counts
 
 
-def hf_reference(model: LlamaForCausalLM, row: RowInput, logits: torch.Tensor) -> torch.Tensor:
-    """transformers' processing of one row's logits `[V]`, from the equivalent GenerationConfig."""
+def hf_processors(row: RowInput) -> LogitsProcessorList:
+    """transformers' processors for one row, built from its public classes in `generate`'s order.
+
+    The order is `GenerationMixin._get_logits_processor`'s (sequence bias, repetition
+    penalty, no-repeat n-gram, bad words, min new tokens, prefix-constrained; then, when
+    sampling, temperature, top-k, top-p, min-p, typical-p with min_tokens_to_keep=1).
+    """
     p = row.params
-    sampling = p.temperature > 0
-    kwargs: dict[str, Any] = {
-        "do_sample": sampling,
-        "num_beams": 1,
-        "repetition_penalty": p.repetition_penalty,
-        "no_repeat_ngram_size": p.no_repeat_ngram_size,
-        "bad_words_ids": [list(s) for s in p.bad_words_ids] or None,
-        "sequence_bias": [[[t], float(b)] for t, b in p.logit_bias] or None,
-        "min_new_tokens": p.min_new_tokens or None,
-        "eos_token_id": list(p.min_tokens_suppressed) or None,
-    }
-    if sampling:
-        kwargs.update(
-            temperature=p.temperature,
-            top_k=p.top_k,  # 0: off (GenerationConfig's default is 50)
-            top_p=p.top_p,
-            min_p=p.min_p or None,
-            typical_p=p.typical_p,
-        )
-    config = GenerationConfig(**kwargs)
-    model._prepare_special_tokens(config, device="cpu")
+    eos = torch.tensor(list(p.min_tokens_suppressed)) if p.min_tokens_suppressed else None
     allowed = list(p.allowed_token_ids)
-    input_ids = torch.tensor([list(row.token_ids)])
-    processors = model._get_logits_processor(
-        generation_config=config,
-        input_ids_seq_length=row.prompt_len,
-        encoder_input_ids=input_ids,
-        prefix_allowed_tokens_fn=(lambda batch_id, ids: allowed) if allowed else None,
-        logits_processor=LogitsProcessorList(),
-        device="cpu",
-        model_kwargs={},
-    )
-    if p.presence_penalty or p.frequency_penalty:
-        at = sum(
-            isinstance(x, SequenceBiasLogitsProcessor | RepetitionPenaltyLogitsProcessor)
-            and not type(x).__name__.startswith("NoBadWords")
-            for x in processors
+    processors = LogitsProcessorList()
+    if p.logit_bias:
+        processors.append(SequenceBiasLogitsProcessor([[[t], float(b)] for t, b in p.logit_bias]))
+    if p.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.presence_penalty or p.frequency_penalty:  # treadle's own, right after repetition
+        processors.append(
+            PresenceFrequency(p.presence_penalty, p.frequency_penalty, row.prompt_len)
         )
-        processors.insert(
-            at, PresenceFrequency(p.presence_penalty, p.frequency_penalty, row.prompt_len)
-        )
-    return processors(input_ids, logits.clone().unsqueeze(0))[0]
+    if p.no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size))
+    if p.bad_words_ids:
+        processors.append(NoBadWordsLogitsProcessor([list(s) for s in p.bad_words_ids], eos))
+    if p.min_new_tokens and eos is not None:
+        processors.append(MinNewTokensLengthLogitsProcessor(row.prompt_len, p.min_new_tokens, eos))
+    if allowed:
+        processors.append(PrefixConstrainedLogitsProcessor(lambda batch_id, ids: allowed, 1))
+    if p.temperature > 0:
+        if p.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(p.temperature))
+        if p.top_k:
+            processors.append(TopKLogitsWarper(p.top_k))
+        if p.top_p < 1.0:
+            processors.append(TopPLogitsWarper(p.top_p))
+        if p.min_p:
+            processors.append(MinPLogitsWarper(p.min_p))
+        if p.typical_p < 1.0:
+            processors.append(TypicalLogitsWarper(p.typical_p))
+    return processors
 
 
-def assert_rows_match(
-    model: LlamaForCausalLM, rows: list[RowInput], logits: torch.Tensor, out: torch.Tensor
-) -> None:
+def hf_reference(row: RowInput, logits: torch.Tensor) -> torch.Tensor:
+    """transformers' processing of one row's logits `[V]`."""
+    input_ids = torch.tensor([list(row.token_ids)])  # [1, T]
+    return hf_processors(row)(input_ids, logits.clone().unsqueeze(0))[0]
+
+
+def assert_rows_match(rows: list[RowInput], logits: torch.Tensor, out: torch.Tensor) -> None:
     for i, row in enumerate(rows):
-        expected = hf_reference(model, row, logits[i])
+        expected = hf_reference(row, logits[i])
         assert torch.equal(out[i].isneginf(), expected.isneginf()), f"row {i}: -inf differ"
         finite = ~expected.isneginf()
         torch.testing.assert_close(out[i][finite], expected[finite], msg=f"row {i}: {row.params}")
@@ -193,9 +181,7 @@ STAGES: dict[str, list[dict[str, Any]]] = {
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_each_stage_matches_transformers_on_the_rows_that_enable_it(
-    stage: str, tiny_model: LlamaForCausalLM
-) -> None:
+def test_each_stage_matches_transformers_on_the_rows_that_enable_it(stage: str) -> None:
     rng = random.Random(stage)
     variants = [*STAGES[stage], {}, {"temperature": 1.0}]  # last two: nothing to do
     rows = []
@@ -205,7 +191,7 @@ def test_each_stage_matches_transformers_on_the_rows_that_enable_it(
     logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(len(stage))) * 3
     out = run_pipeline(rows, logits)
     assert out.errors == {}
-    assert_rows_match(tiny_model, rows, logits, out.scores)
+    assert_rows_match(rows, logits, out.scores)
     enabled = [
         i
         for i, r in enumerate(rows)
@@ -221,9 +207,7 @@ def test_each_stage_matches_transformers_on_the_rows_that_enable_it(
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_mixed_batch_of_random_combinations_matches_transformers_row_by_row(
-    seed: int, tiny_model: LlamaForCausalLM
-) -> None:
+def test_mixed_batch_of_random_combinations_matches_transformers_row_by_row(seed: int) -> None:
     rng = random.Random(seed)
     rows = []
     for i in range(10):
@@ -232,7 +216,7 @@ def test_mixed_batch_of_random_combinations_matches_transformers_row_by_row(
         rows.append(make_row(ids, prompt_len, params, i))
     logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(seed)) * 2.5
     out = run_pipeline(rows, logits)
-    assert_rows_match(tiny_model, rows, logits, out.scores)
+    assert_rows_match(rows, logits, out.scores)
 
 
 @pytest.mark.parametrize(
@@ -244,9 +228,7 @@ def test_mixed_batch_of_random_combinations_matches_transformers_row_by_row(
         (tuple(range(3, V, 9)), 0),  # packed because of the short allowed list
     ],
 )
-def test_every_stage_on_every_row(
-    allowed: tuple[int, ...], top_k: int, tiny_model: LlamaForCausalLM
-) -> None:
+def test_every_stage_on_every_row(allowed: tuple[int, ...], top_k: int) -> None:
     rng = random.Random(7)
     params = SamplingParams(
         temperature=0.8,
@@ -266,7 +248,7 @@ def test_every_stage_on_every_row(
     )
     rows = [make_row(*random_history(rng), params, i) for i in range(6)]
     logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(1)) * 3
-    assert_rows_match(tiny_model, rows, logits, run_pipeline(rows, logits).scores)
+    assert_rows_match(rows, logits, run_pipeline(rows, logits).scores)
 
 
 @pytest.mark.parametrize(
@@ -282,23 +264,20 @@ def test_every_stage_on_every_row(
 def test_top_p_and_typical_p_on_a_wide_vocabulary(params: SamplingParams) -> None:
     """Flat and peaked rows over 4096 tokens: the ranking has to widen past its first guess."""
     vocab = 4096
-    model = tiny_llama(vocab)
     g = torch.Generator().manual_seed(3)
     scale = torch.tensor([[0.3], [1.0], [3.0], [8.0]])  # from nearly flat to peaked
     logits = torch.randn(4, vocab, generator=g) * scale
     rows = [make_row([1, 2, 3], 2, params, i) for i in range(4)]
     out = LogitsPipeline(vocab)(logits.clone(), rows).scores
-    assert_rows_match(model, rows, logits, out)
+    assert_rows_match(rows, logits, out)
 
 
-def test_allowed_tokens_all_banned_are_forced_back_like_transformers(
-    tiny_model: LlamaForCausalLM,
-) -> None:
+def test_allowed_tokens_all_banned_are_forced_back_like_transformers() -> None:
     params = SamplingParams(bad_words_ids=((5,), (6,)), allowed_token_ids=(5, 6))
     rows = [make_row([1, 2], 1, params, 0), make_row([1, 2], 1, SamplingParams(), 1)]
     logits = torch.randn(2, V, generator=torch.Generator().manual_seed(0))
     out = run_pipeline(rows, logits).scores
-    assert_rows_match(tiny_model, rows, logits, out)
+    assert_rows_match(rows, logits, out)
     assert out[0, 5] == 0 and out[0, 6] == 0 and int(out[0].isfinite().sum()) == 2
 
 
