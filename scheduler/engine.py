@@ -193,9 +193,21 @@ class Engine:
         self.submit(gen_with_id, stream.deliver)
         return stream
 
+    async def open_stream(self, gen: GenerationRequest) -> EventStream:
+        """Like `stream`, but validation, chat rendering and tokenizing run off the event loop.
+
+        Raises what `submit` raises; nothing is queued then.
+        """
+        loop = asyncio.get_running_loop()
+        request_id = gen.request_id or uuid.uuid4().hex
+        stream = EventStream(request_id, loop, self.abort)
+        gen_with_id = gen if gen.request_id else _with_id(gen, request_id)
+        await asyncio.to_thread(self.submit, gen_with_id, stream.deliver)
+        return stream
+
     async def generate(self, gen: GenerationRequest) -> AsyncIterator[Event]:
         """Yield the request's events until its terminal one; leaving early aborts it."""
-        async with contextlib.aclosing(self.stream(gen)) as stream:
+        async with contextlib.aclosing(await self.open_stream(gen)) as stream:
             async for event in stream:
                 yield event
 
