@@ -24,6 +24,7 @@ from .run_result import BenchmarkError
 T = TypeVar("T")
 
 LISTENING = re.compile(r"listening on \S+:(\d+)")
+METRICS = re.compile(r"metrics on \S*:(\d+)/metrics")
 KEPT_ENV = ("TREADLE_CACHE_DIR",)  # the only TREADLE_* variable the server inherits
 
 
@@ -70,6 +71,7 @@ class ServerProcess:
     proc: asyncio.subprocess.Process
     progress: Progress
     port: asyncio.Future[int] = field(default_factory=asyncio.Future)  # from its log
+    metrics_port: asyncio.Future[int] = field(default_factory=asyncio.Future)  # from its log
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
     reader: asyncio.Task[None] | None = None
 
@@ -135,8 +137,11 @@ class ServerProcess:
             self.progress.say(f"server: {line}")
             if not self.port.done() and (found := LISTENING.search(line)):
                 self.port.set_result(int(found.group(1)))
-        if not self.port.done():
-            self.port.set_exception(BenchmarkError(f"the server never listened{self.tail()}"))
+            if not self.metrics_port.done() and (found := METRICS.search(line)):
+                self.metrics_port.set_result(int(found.group(1)))
+        for future, what in ((self.port, "listened"), (self.metrics_port, "served /metrics")):
+            if not future.done():
+                future.set_exception(BenchmarkError(f"the server never {what}{self.tail()}"))
 
 
 async def start_server(
