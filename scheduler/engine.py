@@ -9,7 +9,10 @@
 Requests and aborts reach the step thread as messages through an inbox; the
 thread runs schedule -> execute -> update and hands each request's events to
 its sink. A request's events are delivered in order, and every accepted
-request gets exactly one terminal event.
+request gets exactly one terminal event, whatever fails: a failure inside a
+step ends only the requests it touched (see `scheduler.py`), and if the step
+thread dies anyway every request in flight gets an ERROR event, the engine
+stops accepting and `on_fatal` listeners are told.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..worker.loader import LoadedModel, load_model
+from ..worker.plan import StepOutput, StepPlan
 from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.worker import Worker, WorkerConfig
 from .engine_config import EngineConfig
@@ -35,24 +39,16 @@ from .events import CANCELLED, SHUTTING_DOWN, Ending, Event, FinishEvent, Finish
 from .generation_request import GenerationRequest
 from .inputs import InputProcessor
 from .request import EventSink, Request
-from .scheduler import Scheduler, SchedulerConfig, StepTokens
+from .scheduler import Scheduler, SchedulerConfig, StepTokens, internal_error, require
 from .step_stats import StepStats
 from .validation import ModelLimits, RequestFactory
 
 log = logging.getLogger("treadle.engine")
 
 
-_SCHEDULER_ERROR = Ending(FinishReason.ERROR, "internal error in the scheduler")
-
-
 @dataclass(frozen=True, slots=True)
 class _Abort:
     request_id: str
-    ending: Ending
-
-
-@dataclass(frozen=True, slots=True)
-class _AbortAll:
     ending: Ending
 
 
@@ -99,11 +95,15 @@ class Engine:
         self.inputs = InputProcessor(loaded.tokenizer, loaded.vocab_size)
         self.factory = RequestFactory(self.inputs, self.model_limits, config.limits, self.plugins)
         self.step_observers: list[Callable[[StepStats], None]] = []
-        self._inbox: queue.SimpleQueue[Request | _Abort | _AbortAll] = queue.SimpleQueue()
+        # Called once, from the dying step thread, after every request in flight got its
+        # terminal ERROR event (the server turns NOT_SERVING and exits non-zero).
+        self.on_fatal: list[Callable[[BaseException], None]] = []
+        self._inbox: queue.SimpleQueue[Request | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._in_flight: set[str] = set()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # the registry emptied or delivery ended
+        self._in_flight: dict[str, Request] = {}  # accepted, terminal event not produced yet
+        self._delivering = False  # the step thread is handing out events of finished requests
         self._accepting = False
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -127,24 +127,35 @@ class Engine:
 
     def stop_accepting(self) -> None:
         """Refuse new requests (EngineUnavailableError); those in flight go on."""
-        self._accepting = False
+        with self._lock:
+            self._accepting = False
 
     def stop(self, grace: float = 0.0, timeout: float = 30.0) -> None:
-        """Stop accepting; let running requests finish for `grace` seconds; cancel the rest.
+        """Stop accepting; let accepted requests finish for `grace` seconds; cancel the rest.
 
-        Every request still in flight gets its terminal event (cancelled)
-        before the step thread ends.
+        Waits for every request accepted before the call (even one the step
+        thread has not seen yet). Every request still in flight then gets its
+        terminal event (cancelled, cause SHUTDOWN) before the step thread ends.
         """
-        self._accepting = False
+        self.stop_accepting()
         if self._thread is None:
             return
         if grace > 0:
-            self._idle.wait(grace)
-        self._inbox.put(_AbortAll(SHUTTING_DOWN))
-        self._wake.set()
+            self.wait_until_idle(grace)
         self._closing = True
+        self._wake.set()
         self._thread.join(timeout)
         self._thread = None
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Block until no accepted request is in flight and its events are delivered.
+
+        Returns False if `timeout` seconds passed first.
+        """
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: not self._in_flight and not self._delivering, timeout
+            )
 
     # -- requests ---------------------------------------------------------------
     @property
@@ -161,20 +172,23 @@ class Engine:
 
         Returns the request id. Raises ValidationError, QueueFullError,
         DuplicateRequestError or EngineUnavailableError; nothing is queued then.
+        Once it returns, the request is in flight: `stop(grace)` waits for it
+        and it gets exactly one terminal event.
         """
         if not self._accepting:
             raise EngineUnavailableError("the engine is not accepting requests")
         request_id = gen.request_id or uuid.uuid4().hex
         req = self.factory.build(gen, request_id, sink)
         with self._lock:
+            if not self._accepting:  # stopped while the request was being built
+                raise EngineUnavailableError("the engine is not accepting requests")
             if request_id in self._in_flight:
                 raise DuplicateRequestError(f"request_id: {request_id!r} is already in flight")
             if self.num_waiting >= self.config.max_waiting:
                 raise QueueFullError(
                     f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
                 )
-            self._in_flight.add(request_id)
-        self._idle.clear()
+            self._in_flight[request_id] = req
         self._inbox.put(req)
         self._wake.set()
         return request_id
@@ -196,13 +210,27 @@ class Engine:
     async def open_stream(self, gen: GenerationRequest) -> EventStream:
         """Like `stream`, but validation, chat rendering and tokenizing run off the event loop.
 
-        Raises what `submit` raises; nothing is queued then.
+        Raises what `submit` raises; nothing is queued then. If the caller is
+        cancelled while the request is being built, the request is aborted as
+        soon as it is queued: nothing runs with nobody reading.
         """
         loop = asyncio.get_running_loop()
         request_id = gen.request_id or uuid.uuid4().hex
         stream = EventStream(request_id, loop, self.abort)
         gen_with_id = gen if gen.request_id else _with_id(gen, request_id)
-        await asyncio.to_thread(self.submit, gen_with_id, stream.deliver)
+        abandoned = threading.Event()
+
+        def submit() -> None:
+            self.submit(gen_with_id, stream.deliver)
+            if abandoned.is_set():  # the caller left while this thread was submitting
+                self.abort(request_id)
+
+        try:
+            await asyncio.to_thread(submit)
+        except asyncio.CancelledError:
+            abandoned.set()  # before the abort below: one of the two sees the request queued
+            self.abort(request_id)
+            raise
         return stream
 
     async def generate(self, gen: GenerationRequest) -> AsyncIterator[Event]:
@@ -211,22 +239,48 @@ class Engine:
             async for event in stream:
                 yield event
 
+    # -- invariants -----------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless the engine's bookkeeping is consistent.
+
+        The scheduler's own invariants hold, every request it holds is in the
+        engine's in-flight registry (as the same object), and nothing in the
+        registry has finished. Call it on the step thread (e.g. from a step
+        observer): the registry also holds accepted requests still in the inbox.
+        """
+        self.scheduler.check_invariants()
+        with self._lock:
+            registry = dict(self._in_flight)
+        for req in self.scheduler.requests():
+            require(registry.get(req.request_id) is req, f"{req.request_id} is not in flight")
+        for request_id, req in registry.items():
+            require(not req.is_finished, f"finished request {request_id} is still in flight")
+
     # -- the step thread --------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # nothing recovered: end everything, tell the listeners
+            self._die(exc)
+
+    def _loop(self) -> None:
         while True:
             self._wake.clear()
             self._drain_inbox()
-            if not self.scheduler.has_work:
-                self._idle.set()
-                if self._closing:
-                    return
-                self._wake.wait(timeout=1.0)
-                continue
-            try:
+            if self._closing:  # also ends requests that arrived since the stop began
+                self.scheduler.abort_all(SHUTTING_DOWN)
+            if self.scheduler.has_work:
                 self._step()
-            except Exception:  # a scheduler bug: end what is in flight, keep serving
-                log.exception("step loop error; ending the requests in flight")
-                self.scheduler.abort_all(_SCHEDULER_ERROR)
+            elif self.scheduler.has_events:  # waiting requests that were just cancelled
+                self._publish(StepPlan(step=self.scheduler.steps), None, StepTokens(), None)
+            elif self._closing and self._registry_empty():
+                return
+            else:
+                self._wake.wait(timeout=1.0)
+
+    def _registry_empty(self) -> bool:
+        with self._lock:
+            return not self._in_flight
 
     def _drain_inbox(self) -> None:
         while True:
@@ -234,53 +288,92 @@ class Engine:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(msg, Request):
-                try:
-                    self.scheduler.add(msg)
-                except ValueError as exc:  # validation should have caught it; end it cleanly
-                    msg.sink([msg.finish(FinishReason.ERROR, time.monotonic(), message=str(exc))])
-                    with self._lock:
-                        self._in_flight.discard(msg.request_id)
-            elif isinstance(msg, _Abort):
+            if isinstance(msg, _Abort):
                 self.scheduler.abort(msg.request_id, msg.ending)
-            else:
-                self.scheduler.abort_all(msg.ending)
+                continue
+            try:
+                self.scheduler.add(msg)
+            except Exception:  # validation should have caught it; end it cleanly
+                message = internal_error(f"queueing {msg.request_id} failed")
+                finish = msg.finish(FinishReason.ERROR, time.monotonic(), message=message)
+                self._forget([msg.request_id], delivering=True)
+                try:
+                    self._deliver([(msg, [finish])])
+                finally:
+                    self._done_delivering()
 
     def _step(self) -> None:
         started = time.perf_counter()
-        plan = self.scheduler.schedule()
-        forward_s = process_s = 0.0
-        tokens = StepTokens()
-        if not plan.is_empty:
-            try:
-                output = self.worker.execute(plan)
-            except Exception as exc:  # the step failed: its rows end with an error, others go on
-                log.exception("step %d failed", plan.step)
-                self.scheduler.fail(plan, f"internal error: {type(exc).__name__}: {exc}")
-            else:
-                tokens = self.scheduler.update(plan, output)
-                forward_s, process_s = output.forward_s, output.process_s
+        try:
+            plan = self.scheduler.schedule()
+        except Exception:  # no request explains it: end every one, keep serving
+            self.scheduler.fail_all(internal_error("scheduling failed; ending every request"))
+            self._publish(StepPlan(step=self.scheduler.steps), None, StepTokens(), started)
+            return
+        output, tokens = (None, StepTokens()) if plan.is_empty else self._run_plan(plan)
+        self._publish(plan, output, tokens, started)
+
+    def _run_plan(self, plan: StepPlan) -> tuple[StepOutput | None, StepTokens]:
+        """Execute and apply one plan; a failure ends the plan's rows, the queue goes on."""
+        try:
+            output = self.worker.execute(plan)
+        except Exception:
+            self.scheduler.fail(plan, internal_error(f"step {plan.step} failed in the worker"))
+            return None, StepTokens()
+        try:
+            return output, self.scheduler.update(plan, output)
+        except Exception:
+            self.scheduler.fail(plan, internal_error(f"step {plan.step} failed in update"))
+            return output, StepTokens()
+
+    def _publish(
+        self,
+        plan: StepPlan,
+        output: StepOutput | None,
+        tokens: StepTokens,
+        started: float | None,
+    ) -> None:
+        """Hand the scheduler's events out: registry first, then observers, then clients."""
         outbox = self.scheduler.take_events()
         finished = [events[-1] for _, events in outbox if isinstance(events[-1], FinishEvent)]
-        with self._lock:
-            self._in_flight.difference_update(e.request_id for e in finished)
+        self._forget([e.request_id for e in finished], delivering=True)
         stats = StepStats(
             step=plan.step,
             decode_rows=len(plan.decode),
             prefill_rows=len(plan.prefill),
             prefill_tokens=plan.num_tokens - len(plan.decode),
-            forward_s=forward_s,
-            process_s=process_s,
-            step_s=time.perf_counter() - started,
+            forward_s=output.forward_s if output else 0.0,
+            process_s=output.process_s if output else 0.0,
+            step_s=time.perf_counter() - started if started is not None else 0.0,
             running=self.scheduler.num_running,
             waiting=self.scheduler.num_waiting,
             generated_tokens=tokens.count,
             inter_token_s=tokens.inter_token_s,
             finished=finished,
         )
-        for observe in self.step_observers:  # before delivery: metrics never lag the clients
-            observe(stats)
-        self._deliver(outbox)
+        try:
+            for observe in self.step_observers:  # before delivery: metrics never lag the clients
+                try:
+                    observe(stats)
+                except Exception:
+                    log.exception("a step observer failed")
+            self._deliver(outbox)
+        finally:
+            self._done_delivering()
+
+    def _forget(self, request_ids: list[str], delivering: bool = False) -> None:
+        """Take finished requests out of the in-flight registry (before their events go out,
+        so a client may reuse an id as soon as it sees its finish)."""
+        with self._changed:
+            for request_id in request_ids:
+                self._in_flight.pop(request_id, None)
+            self._delivering = delivering
+            self._changed.notify_all()
+
+    def _done_delivering(self) -> None:
+        with self._changed:
+            self._delivering = False
+            self._changed.notify_all()
 
     def _deliver(self, outbox: list[tuple[Request, list[Event]]]) -> None:
         for req, events in outbox:
@@ -288,6 +381,38 @@ class Engine:
                 req.sink(events)
             except Exception:  # a broken consumer must not stop the loop
                 log.exception("delivering events of %s failed", req.request_id)
+
+    def _die(self, exc: BaseException) -> None:
+        """The step thread is ending on an error nothing recovered from.
+
+        Stops accepting, delivers the events already produced, ends every other
+        request in flight with one ERROR event, then calls the `on_fatal` listeners.
+        """
+        message = internal_error("the step thread died; ending every request in flight")
+        log.critical("the engine stopped serving: %s", message)
+        with self._changed:
+            self._accepting = False
+            self._delivering = True
+            in_flight = dict(self._in_flight)
+        try:
+            outbox = self.scheduler.take_events()
+        except BaseException:
+            outbox = []
+        self._deliver(outbox)
+        ended = {req.request_id for req, events in outbox if isinstance(events[-1], FinishEvent)}
+        now = time.monotonic()
+        for request_id, req in in_flight.items():
+            if request_id not in ended:
+                self._deliver([(req, [req.finish(FinishReason.ERROR, now, message=message)])])
+        with self._changed:
+            self._in_flight.clear()
+            self._delivering = False
+            self._changed.notify_all()
+        for listener in list(self.on_fatal):
+            try:
+                listener(exc)
+            except Exception:
+                log.exception("an on_fatal listener failed")
 
 
 def _with_id(gen: GenerationRequest, request_id: str) -> GenerationRequest:

@@ -35,6 +35,12 @@ class PrefixCache:
         self._entries = [_Entry(row=first_row + i) for i in range(rows)]
         self._clock = itertools.count(1)
 
+    def clear(self) -> None:
+        """Forget every cached prompt (their KV copies may not have happened)."""
+        for entry in self._entries:
+            entry.tokens = []
+            entry.last_used = 0
+
     def match(self, prompt: list[int]) -> tuple[int, int] | None:
         """The spare row holding `prompt`'s longest cached prefix, and that prefix's length.
 

@@ -37,6 +37,13 @@ class RowTable:
         self._rows.append(req)
         return len(self._rows) - 1
 
+    def release_last(self, req: Request) -> bool:
+        """Give back the last row if `req` holds it (undoing `allocate`); no KV moves needed."""
+        if not self._rows or self._rows[-1] is not req:
+            return False
+        self._rows.pop()
+        return True
+
     def free(self, rows: Iterable[int]) -> list[RowMove]:
         """Release `rows`, compacting the table; return the KV moves, in order."""
         moves: list[RowMove] = []

@@ -23,21 +23,56 @@ stopping rules, emits the events, and frees the rows of finished requests in
 the same step, so their rows are reused by the next `schedule()`.
 
 There is no preemption: a request keeps its row until it ends.
+
+Failures end only what they touch: a row whose token cannot be applied (its
+detokenizer or stop matcher raises) ends with ERROR and the other rows of the
+step go on; a request whose admission raises ends alone; `fail(plan)` ends a
+step's rows when the worker (or `update` as a whole) fails, and `fail_all`
+ends everything when `schedule()` fails in a way no request explains. Clients
+get a generic message with an error id (`internal_error`); the details go to
+the log. `check_invariants()` states what must hold between steps.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..worker.plan import RowInput, RowMove, StepOutput, StepPlan
+from ..worker.plan import RowInput, RowMove, RowOutput, StepOutput, StepPlan
 from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event, FinishReason
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 from .row_table import RowTable
 from .waiting_queue import WaitingQueue
+
+log = logging.getLogger("treadle.scheduler")
+
+_STALE_SLACK = 16  # stale deadline-heap entries tolerated beyond twice the live requests
+
+
+class InvariantError(AssertionError):
+    """The scheduler's or engine's bookkeeping is inconsistent (a bug)."""
+
+
+def internal_error(what: str) -> str:
+    """Log the exception being handled under a fresh error id; return the client's message.
+
+    Clients only ever see "internal error (error id 3f2a9c1b); see the server
+    log"; the exception and `what` go to the server log with the same id.
+    """
+    error_id = secrets.token_hex(4)
+    log.error("%s (error id %s)", what, error_id, exc_info=True)
+    return f"internal error (error id {error_id}); see the server log"
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise InvariantError with `message` unless `condition` holds."""
+    if not condition:
+        raise InvariantError(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +110,10 @@ class Scheduler:
         self.prefix = PrefixCache(
             config.max_rows, config.prefix_cache_rows, config.prefix_min_tokens
         )
-        self._by_id: dict[str, Request] = {}
+        self._by_id: dict[str, Request] = {}  # every waiting and running request
         self._pending_moves: list[RowMove] = []
-        self._to_cancel: list[Request] = []  # aborted since the last step
-        self._deadlines: list[tuple[float, int, Request]] = []  # heap by deadline
+        self._to_cancel: dict[str, Request] = {}  # running requests aborted since the last step
+        self._deadlines: list[tuple[float, int, Request]] = []  # heap; finished ones pruned lazily
         self._outbox: list[tuple[Request, list[Event]]] = []
         self._step = 0
 
@@ -95,8 +130,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._by_id)
 
+    @property
+    def has_events(self) -> bool:
+        """Events wait for `take_events` (e.g. a waiting request was just cancelled)."""
+        return bool(self._outbox)
+
+    @property
+    def steps(self) -> int:
+        """Steps scheduled so far (the last plan's `step`)."""
+        return self._step
+
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
+
+    def requests(self) -> list[Request]:
+        """Every request not finished yet: waiting and running."""
+        return list(self._by_id.values())
 
     # -- inputs --------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -114,13 +163,21 @@ class Scheduler:
             heapq.heappush(self._deadlines, (req.deadline, id(req), req))
 
     def abort(self, request_id: str, ending: Ending = CANCELLED) -> bool:
-        """Ask for a request to end; it finishes at the next `schedule()`. False if unknown."""
+        """Ask for a request to end. False if unknown or already asked.
+
+        A waiting request ends at once (its event waits in `take_events`); a
+        running one at the next `schedule()`, which frees its row.
+        """
         req = self._by_id.get(request_id)
         if req is None or req.cancel_reason is not None:
             return False
-        req.cancel_reason = ending
-        self._to_cancel.append(req)
+        self._cancel(req, ending, self.clock())
         return True
+
+    def abort_all(self, ending: Ending) -> None:
+        """Ask every request to end (shutdown)."""
+        for request_id in list(self._by_id):
+            self.abort(request_id, ending)
 
     # -- the step --------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -133,84 +190,199 @@ class Scheduler:
         plan.decode = [req.row_input() for req in self.rows]
         budget = self.config.prefill_token_budget
         while self.rows.has_free_row and (req := self.waiting.peek()) is not None:
-            hit = self.prefix.match(req.prompt_ids)
-            cached = hit[1] if hit else 0
-            if plan.prefill and req.prompt_len - cached > budget:
+            try:
+                cost = self._admit(req, plan, budget, now)
+            except Exception:
+                self._reject(req, plan, now, internal_error(f"admitting {req.request_id} failed"))
+                continue
+            if cost is None:
                 break
-            self.waiting.pop()
-            row = self.rows.allocate(req)
-            req.admit(row, now, cached)
-            if hit:
-                self.prefix.use(hit[0])
-                plan.moves.append(RowMove(src=hit[0], dst=row, length=cached))
-            budget -= req.prompt_len - cached
-            plan.prefill.append(req.row_input())
+            budget -= cost
         return plan
 
     def update(self, plan: StepPlan, output: StepOutput) -> StepTokens:
-        """Apply the worker's output to the plan's requests; emit events; free finished rows."""
+        """Apply the worker's output to the plan's requests; emit events; free finished rows.
+
+        One row failing (its token cannot be applied) ends that request with
+        ERROR; the other rows' tokens are applied as usual.
+        """
         now = self.clock()
         freed: list[int] = []
         tokens = StepTokens()
         for row_in, out in zip(plan.rows, output.rows, strict=True):
             req = self._by_id[row_in.key]
-            if out.error is not None:
-                events: list[Event] = [req.finish(FinishReason.ERROR, now, message=out.error)]
-            else:
-                tokens.add(req, now)
-                events = req.accept(out, now)
-            self._outbox.append((req, events))
+            events = self._apply(req, out, now, tokens)
             if req.is_finished:
                 freed.append(row_in.row)
-                del self._by_id[req.request_id]
-        for row_in in plan.prefill:  # cache the prompts just prefilled, before compaction
-            save = self.prefix.save(self._prompt_of(row_in), row_in.row)
-            if save is not None:
-                self._pending_moves.append(save)
+                self._retire(req, events)
+            else:
+                self._outbox.append((req, events))
+        self._cache_prompts(plan.prefill)
         self._free_rows(freed)
         return tokens
 
     def fail(self, plan: StepPlan, message: str) -> None:
-        """The whole step failed: end every request in it with an error, keep the rest."""
-        now = self.clock()
-        freed = [r.row for r in plan.rows]
-        for row_in in plan.rows:
-            req = self._by_id.pop(row_in.key)
-            self._outbox.append((req, [req.finish(FinishReason.ERROR, now, message=message)]))
-        self._free_rows(freed)
+        """The step failed as a whole: end its requests with an error; the waiting ones go on.
 
-    def abort_all(self, ending: Ending) -> None:
-        """Ask every request to end (shutdown)."""
-        for request_id in list(self._by_id):
-            self.abort(request_id, ending)
+        Every running request is in its step's plan, so no row stays held. The
+        prefix cache is emptied too: the step's KV copies may not have happened.
+        """
+        now = self.clock()
+        for row_in in plan.rows:
+            req = self._by_id.get(row_in.key)
+            if req is not None and req.status is RequestStatus.RUNNING:
+                self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
+        for req in list(self.rows):  # none left unless the plan was not this step's
+            if not req.is_finished:
+                self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
+        self.rows = RowTable(self.config.max_rows)
+        self._pending_moves = []
+        self.prefix.clear()
+
+    def fail_all(self, message: str) -> None:
+        """End every request (waiting and running) with an error and reset the bookkeeping.
+
+        For a failure no request explains (e.g. inside `schedule()`): afterwards
+        nothing is held and the scheduler is ready for new requests.
+        """
+        now = self.clock()
+        for req in [*self._by_id.values(), *self.rows]:
+            if not req.is_finished:
+                self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
+        self._by_id.clear()
+        self.rows = RowTable(self.config.max_rows)
+        self.waiting = WaitingQueue()
+        self._to_cancel.clear()
+        self._deadlines.clear()
+        self._pending_moves = []
+        self.prefix.clear()
 
     def take_events(self) -> list[tuple[Request, list[Event]]]:
         """Events produced since the last call, grouped per request, in order."""
         events, self._outbox = self._outbox, []
         return events
 
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless the bookkeeping is consistent (for tests and debugging).
+
+        Rows 0..n-1 hold the running requests, each knowing its row; the id
+        registry is exactly the waiting plus the running requests; nothing
+        finished is held (the deadline heap keeps a bounded number of stale
+        entries, pruned lazily); pending cancellations are of held requests.
+        """
+        running = list(self.rows)
+        require(len(running) <= self.rows.capacity, "more running requests than rows")
+        for i, req in enumerate(running):
+            require(
+                req.status is RequestStatus.RUNNING and req.row == i,
+                f"row {i} holds {req.request_id} ({req.status.value}, row {req.row})",
+            )
+        waiting = list(self.waiting)
+        for req in waiting:
+            require(req.status is RequestStatus.WAITING, f"{req.request_id} queued but not waiting")
+        held = {id(r) for r in running} | {id(r) for r in waiting}
+        require(len(held) == len(running) + len(waiting), "a request both waits and runs")
+        by_id = {id(r) for r in self._by_id.values()}
+        require(held == by_id, "the id registry is not the waiting plus the running requests")
+        for rid, req in self._by_id.items():
+            require(req.request_id == rid, f"{req.request_id} registered as {rid}")
+        for req in self._to_cancel.values():
+            require(id(req) in by_id, f"cancelling {req.request_id}, which is not held")
+        require(
+            len(self._deadlines) <= 2 * len(self._by_id) + _STALE_SLACK,
+            f"the deadline heap holds {len(self._deadlines)} entries for {len(self._by_id)}",
+        )
+        require(self.waiting.is_pruned, "the waiting queue holds too many removed entries")
+
     # -- helpers ---------------------------------------------------------------
+    def _admit(self, req: Request, plan: StepPlan, budget: int, now: float) -> int | None:
+        """Admit the queue's head into the plan; return its prompt cost (None: over budget)."""
+        hit = self.prefix.match(req.prompt_ids)
+        cached = hit[1] if hit else 0
+        cost = req.prompt_len - cached
+        if plan.prefill and cost > budget:
+            return None
+        self.waiting.pop()
+        row = self.rows.allocate(req)
+        req.admit(row, now, cached)
+        if hit:
+            self.prefix.use(hit[0])
+            plan.moves.append(RowMove(src=hit[0], dst=row, length=cached))
+        plan.prefill.append(req.row_input())
+        return cost
+
+    def _reject(self, req: Request, plan: StepPlan, now: float, message: str) -> None:
+        """Undo a failed admission of `req` and end it with `message`."""
+        self.waiting.remove(req)
+        if self.rows.release_last(req):  # it took the last row: freeing it moves nothing
+            row = len(self.rows)
+            plan.moves = [m for m in plan.moves if m.dst != row]
+            plan.prefill = [r for r in plan.prefill if r.key != req.request_id]
+        self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
+
+    def _apply(self, req: Request, out: RowOutput, now: float, tokens: StepTokens) -> list[Event]:
+        """One row's output as events; a row that cannot be applied ends with ERROR alone."""
+        if out.error is not None:
+            return [req.finish(FinishReason.ERROR, now, message=out.error)]
+        tokens.add(req, now)
+        try:
+            return req.accept(out, now)
+        except Exception:
+            message = internal_error(f"applying a token to {req.request_id} failed")
+            return [req.finish(FinishReason.ERROR, now, message=message)]
+
+    def _cache_prompts(self, prefilled: list[RowInput]) -> None:
+        """Cache the prompts just prefilled, before compaction (a failure only costs the cache)."""
+        try:
+            for row_in in prefilled:
+                save = self.prefix.save(self._prompt_of(row_in), row_in.row)
+                if save is not None:
+                    self._pending_moves.append(save)
+        except Exception:
+            internal_error("caching prompts failed; the prefix cache is emptied")
+            self.prefix.clear()
+
+    def _cancel(self, req: Request, ending: Ending, now: float) -> None:
+        req.cancel_reason = ending
+        if req.status is RequestStatus.WAITING:  # holds no row: it leaves the queue now
+            self.waiting.remove(req)
+            self._end(req, ending, now)
+        else:
+            self._to_cancel[req.request_id] = req
+
     def _finish_cancelled(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
             req = heapq.heappop(self._deadlines)[2]
             if not req.is_finished and req.cancel_reason is None:
-                req.cancel_reason = DEADLINE_EXCEEDED
-                self._to_cancel.append(req)
+                self._cancel(req, DEADLINE_EXCEEDED, now)
         freed: list[int] = []
-        for req in self._to_cancel:
-            if req.is_finished:  # ended on its own before the abort took effect
-                continue
-            if req.status is RequestStatus.RUNNING:
-                assert req.row is not None
+        for req in list(self._to_cancel.values()):  # running: waiting ones ended in `_cancel`
+            if req.row is not None:
                 freed.append(req.row)
-            else:
-                self.waiting.remove(req)
-            ending = req.cancel_reason or CANCELLED
-            finish = req.finish(ending.reason, now, message=ending.message, cause=ending.cause)
-            self._outbox.append((req, [finish]))
-            del self._by_id[req.request_id]
-        self._to_cancel = []
+            self._end(req, req.cancel_reason or CANCELLED, now)
+        self._to_cancel.clear()
         self._free_rows(freed)
+
+    def _end(self, req: Request, ending: Ending, now: float) -> None:
+        finish = req.finish(ending.reason, now, message=ending.message, cause=ending.cause)
+        self._retire(req, [finish])
+
+    def _retire(self, req: Request, events: list[Event]) -> None:
+        """`req` has finished: queue its last events and forget it everywhere but its row."""
+        self._outbox.append((req, events))
+        if self._by_id.get(req.request_id) is req:
+            del self._by_id[req.request_id]
+        if self._to_cancel.get(req.request_id) is req:
+            del self._to_cancel[req.request_id]
+        self._prune_deadlines()
+
+    def _prune_deadlines(self) -> None:
+        """Drop finished requests from the deadline heap (amortised O(1) per request)."""
+        if not self._by_id:
+            self._deadlines.clear()
+        elif len(self._deadlines) > 2 * len(self._by_id) + _STALE_SLACK:
+            self._deadlines = [e for e in self._deadlines if not e[2].is_finished]
+            heapq.heapify(self._deadlines)
 
     @staticmethod
     def _prompt_of(row_in: RowInput) -> list[int]:

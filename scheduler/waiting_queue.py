@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Iterator
 
 from .request import Request
 
+_STALE_SLACK = 16  # removed entries tolerated in the heap beyond the live ones
+
 
 class WaitingQueue:
-    """Requests waiting for a row. Removal of a cancelled request is lazy (O(1))."""
+    """Requests waiting for a row.
+
+    `remove` takes a request out at once (it no longer counts, and is never
+    popped); its heap entry is dropped lazily, and the heap is rebuilt when
+    removed entries outnumber live ones, so memory stays bounded by the live
+    requests (amortised O(1) per removal).
+    """
 
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, Request]] = []
@@ -18,6 +27,10 @@ class WaitingQueue:
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def __iter__(self) -> Iterator[Request]:
+        """The live requests, in no particular order."""
+        return iter(list(self._live))
 
     def push(self, req: Request) -> None:
         heapq.heappush(self._heap, (-req.priority, next(self._order), req))
@@ -34,8 +47,16 @@ class WaitingQueue:
         return req
 
     def remove(self, req: Request) -> None:
-        """Forget `req`; it is skipped when it reaches the head."""
+        """Take `req` out of the queue (no-op if it is not queued)."""
         self._live.discard(req)
+        if not self.is_pruned:
+            self._heap = [e for e in self._heap if e[2] in self._live]
+            heapq.heapify(self._heap)
+
+    @property
+    def is_pruned(self) -> bool:
+        """Removed entries do not outnumber the live ones (what `remove` keeps true)."""
+        return len(self._heap) <= 2 * len(self._live) + _STALE_SLACK
 
     def _drop_removed(self) -> None:
         while self._heap and self._heap[0][2] not in self._live:

@@ -176,14 +176,14 @@ def test_validation_errors_name_the_field(tiny: LoadedModel) -> None:
     engine.start()
     try:
         cases = {
-            "prompt": GenerationRequest(prompt_token_ids=[5] * 200),
+            "token_ids": GenerationRequest(prompt_token_ids=[5] * 200),
             "max_new_tokens": GenerationRequest(prompt_token_ids=[5] * 100, max_new_tokens=50),
             "temperature": GenerationRequest(prompt="hi", temperature=-1.0),
             "top_p": GenerationRequest(prompt="hi", top_p=0.0),
             "input": GenerationRequest(),
-            "plugins[0]": GenerationRequest(prompt="hi", plugins=[PluginRequest("nope")]),
+            "plugins[0].name": GenerationRequest(prompt="hi", plugins=[PluginRequest("nope")]),
             "stop": GenerationRequest(prompt="hi", stop=["x"] * 17),
-            "prompt_token_ids[1]": GenerationRequest(prompt_token_ids=[5, 10**9]),
+            "token_ids.ids[1]": GenerationRequest(prompt_token_ids=[5, 10**9]),
             "top_logprobs": GenerationRequest(prompt="hi", top_logprobs=21),
         }
         for field, gen in cases.items():
@@ -344,3 +344,74 @@ def test_a_request_whose_constraints_rule_out_every_token_ends_in_error(
     assert "no possible next token" in (got["stuck"].finish.message or "")
     assert got["stuck"].tokens == []
     assert got["good"].finish.reason is not FinishReason.ERROR
+
+
+def test_stop_with_grace_waits_for_a_request_the_step_thread_has_not_seen(
+    tiny: LoadedModel,
+) -> None:
+    engine = tiny_engine(tiny)
+    drained, go = threading.Event(), threading.Event()
+    drain = engine._drain_inbox
+    first = [True]
+
+    def held_drain() -> None:  # the step thread drains an empty inbox, then waits here
+        drain()
+        if first and first.pop():
+            drained.set()
+            assert go.wait(30)
+
+    engine._drain_inbox = held_drain  # type: ignore[method-assign]
+    engine.start()
+    assert drained.wait(30)
+    got = Collected()
+    engine.submit(
+        GenerationRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=60, ignore_eos=True),
+        got.events.extend,
+    )
+    stopper = threading.Thread(target=engine.stop, kwargs={"grace": 60})
+    stopper.start()
+    go.set()  # the thread finds no work yet: the engine must not count as idle
+    stopper.join(90)
+    assert not stopper.is_alive()
+    assert got.finish.reason is FinishReason.LENGTH
+    assert len(got.tokens) == 60
+
+
+def test_open_stream_cancelled_while_building_aborts_the_request(tiny: LoadedModel) -> None:
+    import asyncio
+
+    engine = tiny_engine(tiny)
+    building, release, ended = threading.Event(), threading.Event(), threading.Event()
+    finishes: list[FinishReason] = []
+    build = engine.factory.build
+
+    def slow_build(*args: Any) -> Any:
+        building.set()
+        assert release.wait(30)
+        return build(*args)
+
+    def observe(stats: StepStats) -> None:
+        for event in stats.finished:
+            finishes.append(event.reason)
+            ended.set()
+
+    engine.factory.build = slow_build  # type: ignore[method-assign]
+    engine.step_observers.append(observe)
+    gen = GenerationRequest(prompt_token_ids=[5, 6], max_new_tokens=120, ignore_eos=True)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(engine.open_stream(gen))
+        assert await asyncio.to_thread(building.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        assert await asyncio.to_thread(ended.wait, 30)
+
+    engine.start()
+    try:
+        asyncio.run(scenario())
+        assert engine.wait_until_idle(30)
+    finally:
+        engine.stop()
+    assert finishes == [FinishReason.CANCELLED]  # aborted, not run to its 120 tokens

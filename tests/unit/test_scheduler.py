@@ -9,7 +9,7 @@ import pytest
 from treadle.scheduler.detokenizer import IncrementalDetokenizer
 from treadle.scheduler.events import Event, FinishEvent, FinishReason, TokenEvent
 from treadle.scheduler.request import Request, StoppingParams
-from treadle.scheduler.scheduler import Scheduler, SchedulerConfig
+from treadle.scheduler.scheduler import InvariantError, Scheduler, SchedulerConfig
 from treadle.worker.params import SamplingParams
 from treadle.worker.plan import RowOutput, StepOutput, StepPlan
 
@@ -81,6 +81,7 @@ class Harness:
             self.scheduler.update(plan, self.worker.execute(plan))
         for req, events in self.scheduler.take_events():
             req.sink(events)
+        self.scheduler.check_invariants()
         self.clock.now += 0.01
         return plan
 
@@ -340,3 +341,45 @@ def test_prefix_cache_copies_the_shared_prefix_into_the_new_row(tokenizer: Any) 
     assert h.finish("b").usage.cached_prompt_tokens == 10
     assert h.finish("a").usage.cached_prompt_tokens == 0
     assert first.prompt_ids == list(range(100, 110))
+
+
+def test_finished_requests_leave_the_deadline_heap(h: Harness) -> None:
+    long = h.add("long", [4] * 60, max_new=60)
+    long.deadline = h.clock.now + 1e6
+    h.scheduler._deadlines.append((long.deadline, id(long), long))
+    for i in range(1000):  # each finishes long before its far deadline
+        req = h.add(f"r{i}", [4], max_new=1)
+        req.deadline = h.clock.now + 1e6
+        h.scheduler._deadlines.append((req.deadline, id(req), req))
+        h.step()
+        assert len(h.scheduler._deadlines) <= 2 * len(h.scheduler.requests()) + 16
+    assert h.finish("r999").reason is FinishReason.LENGTH
+    while h.scheduler.has_work:
+        h.step()
+    assert h.scheduler._deadlines == []  # nothing in flight: no finished request is kept
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(h: Harness) -> None:
+    h.add("a", [1] * 50, max_new=50)
+    h.add("b", [1] * 50, max_new=50)
+    h.step()  # a and b hold both rows
+    for i in range(1000):
+        h.add(f"w{i}", [1], max_new=1)
+        assert h.scheduler.abort(f"w{i}")
+        assert h.scheduler.num_waiting == 0  # at once, not at the next step
+        assert h.scheduler.get(f"w{i}") is None
+    events = h.scheduler.take_events()
+    assert len(events) == 1000
+    finishes = [e[-1] for _, e in events]
+    assert all(isinstance(f, FinishEvent) and f.reason is FinishReason.CANCELLED for f in finishes)
+    assert len(h.scheduler.waiting._heap) <= 16  # the removed entries were pruned
+    h.scheduler.check_invariants()
+
+
+def test_check_invariants_catches_a_row_held_by_a_finished_request(h: Harness) -> None:
+    req = h.add("a", [1] * 5, max_new=5)
+    h.step()
+    h.scheduler.check_invariants()
+    req.finish(FinishReason.ERROR, h.clock.now)  # finished behind the scheduler's back
+    with pytest.raises(InvariantError, match="row 0 holds a"):
+        h.scheduler.check_invariants()
