@@ -1,8 +1,15 @@
-"""The limits the server enforces on each request, so no single request can exhaust it."""
+"""The limits the server enforces on each request, so no single request can exhaust it.
+
+Torch-free: the SDK checks what it can against the same numbers (ModelInfo
+reports them). Every limit bounds a cost that grows with the request: memory
+held per request, work before the request is queued, or work per step.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+PROMPT_CHARS_PER_TOKEN = 32  # generous: few tokens of any tokenizer are longer
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,9 +18,26 @@ class RequestLimits:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
-    max_bad_words: int = 256
+    max_bad_words: int = 256  # bad_words + bad_words_ids entries
+    max_bad_word_chars: int = 256  # each bad word, before it is tokenized
+    max_bad_words_tokens: int = 4096  # all bad-word sequences together, variants included
     max_logit_bias: int = 1024
     max_allowed_token_ids: int = 65536
     max_plugins: int = 8
+    max_plugin_args_bytes: int = 16384  # each plugin's args_json, UTF-8 bytes
+    max_plugin_args_depth: int = 32  # nesting of arrays and objects in args_json
     max_top_logprobs: int = 20
-    max_request_id_chars: int = 128
+    max_request_id_bytes: int = 256  # UTF-8 bytes; the id is echoed in every event
+    max_prompt_chars: int | None = None  # prompt or chat characters; None: derived (below)
+    max_chat_messages: int = 1024
+    max_priority: int = 10  # |priority| at most this; equal priorities are served FIFO
+    max_session_requests: int = 64  # requests in flight on one Session
+    max_stream_backlog: int = 1024  # undelivered events of one request before it is cut
+
+    def prompt_chars(self, max_total_tokens: int) -> int:
+        """The character cap of a prompt (or a chat's roles and contents together),
+        checked before tokenizing: `max_prompt_chars`, or the context in tokens
+        times `PROMPT_CHARS_PER_TOKEN`."""
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return max_total_tokens * PROMPT_CHARS_PER_TOKEN

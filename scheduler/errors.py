@@ -23,6 +23,10 @@ class QueueFullError(TreadleError):
     """The waiting queue is at its limit; the client may retry later."""
 
 
+class SessionLimitError(TreadleError):
+    """A Session already has its limit of requests in flight; retry once one finishes."""
+
+
 class EngineUnavailableError(TreadleError):
     """The engine is not accepting requests (starting, draining or stopped)."""
 

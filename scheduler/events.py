@@ -14,6 +14,7 @@ class Cause(enum.Enum):
 
     DEADLINE = "deadline exceeded"
     SHUTDOWN = "server shutting down"
+    SLOW_READER = "the client is reading too slowly"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class Ending:
 CANCELLED = Ending()  # by its client
 DEADLINE_EXCEEDED = Ending(FinishReason.CANCELLED, Cause.DEADLINE.value, Cause.DEADLINE)
 SHUTTING_DOWN = Ending(FinishReason.CANCELLED, Cause.SHUTDOWN.value, Cause.SHUTDOWN)
+SLOW_READER = Ending(FinishReason.CANCELLED, Cause.SLOW_READER.value, Cause.SLOW_READER)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,20 +28,13 @@ class InputProcessor:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
-        """The prompt's token ids; raises ValidationError naming the input field."""
-        given = [
-            name
-            for name, value in (
-                ("prompt", req.prompt),
-                ("messages", req.messages),
-                ("prompt_token_ids", req.prompt_token_ids),
-            )
-            if value is not None
-        ]
+        """The prompt's token ids; raises ValidationError naming the input's wire field
+        (`prompt`, `chat`, `token_ids`: `prompt`, `messages`, `prompt_token_ids` here)."""
+        given = input_fields(req)
         if len(given) != 1:
             raise ValidationError(
                 "input",
-                "exactly one of prompt, messages, prompt_token_ids must be set"
+                "exactly one of prompt, chat, token_ids must be set"
                 + (f" (got {', '.join(given)})" if given else ""),
             )
         if req.prompt_token_ids is not None:
@@ -60,12 +53,12 @@ class InputProcessor:
     def _render_chat(self, req: GenerationRequest) -> list[int]:
         assert req.messages is not None
         if not req.messages:
-            raise ValidationError("messages", "must not be empty")
+            raise ValidationError("chat", "must not be empty")
         for i, m in enumerate(req.messages):
             if not m.role:
-                raise ValidationError(f"messages[{i}].role", "must not be empty")
+                raise ValidationError(f"chat.messages[{i}].role", "must not be empty")
         if not self.has_chat_template:
-            raise ValidationError("messages", "the model has no chat template; send a prompt")
+            raise ValidationError("chat", "the model has no chat template; send a prompt")
         with self._lock:
             text = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in req.messages],
@@ -76,11 +69,24 @@ class InputProcessor:
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
         if not ids:
-            raise ValidationError("prompt_token_ids", "must not be empty")
+            raise ValidationError("token_ids", "must not be empty")
         for i, t in enumerate(ids):
             if not 0 <= t < self.vocab_size:
                 raise ValidationError(
-                    f"prompt_token_ids[{i}]",
+                    f"token_ids.ids[{i}]",
                     f"{t} is outside the vocabulary [0, {self.vocab_size})",
                 )
         return list(ids)
+
+
+def input_fields(req: GenerationRequest) -> list[str]:
+    """The wire names of the inputs `req` sets (exactly one in a valid request)."""
+    return [
+        name
+        for name, value in (
+            ("prompt", req.prompt),
+            ("chat", req.messages),
+            ("token_ids", req.prompt_token_ids),
+        )
+        if value is not None
+    ]

@@ -2,33 +2,50 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from treadle.v1 import treadle_pb2 as pb
 
 from ..client.convert import FINISH_REASONS
+from ..client.limits import RequestLimits
 from ..worker.plan import TokenLogprobs
+from .bounded_json import JsonLimitError, loads_bounded
 from .errors import ValidationError
 from .events import FinishEvent, FinishReason, TokenEvent, Usage
 from .generation_request import ChatMessage, GenerationRequest, PluginRequest
+from .validation import check_request_id
 
 
-def chat_from_proto(chat: pb.Chat) -> list[ChatMessage]:
+def chat_from_proto(chat: pb.Chat, limits: RequestLimits) -> list[ChatMessage]:
+    """The chat's messages; more than `limits.max_chat_messages` are refused unconverted."""
+    if len(chat.messages) > limits.max_chat_messages:
+        raise ValidationError(
+            "chat.messages",
+            f"at most {limits.max_chat_messages} messages (got {len(chat.messages)})",
+        )
     return [ChatMessage(role=m.role, content=m.content) for m in chat.messages]
 
 
-def request_from_proto(msg: pb.GenerateRequest, deadline: float | None = None) -> GenerationRequest:
+def request_from_proto(
+    msg: pb.GenerateRequest, limits: RequestLimits, deadline: float | None = None
+) -> GenerationRequest:
     """The engine's view of a GenerateRequest; `deadline` is seconds left on the call.
 
-    Raises ValidationError for what only the wire format can get wrong
-    (plugin arguments that are not a JSON object); the engine checks the rest.
+    Raises ValidationError for what only the wire format can get wrong (a
+    request id over its byte limit, too many chat messages or plugins, plugin
+    arguments that are not a bounded JSON object); the engine checks the rest.
     """
+    if msg.request_id:
+        check_request_id(msg.request_id, limits)
     s, t, lp = msg.sampling, msg.stopping, msg.logprobs
     input_kind = msg.WhichOneof("input")
+    if len(msg.plugins) > limits.max_plugins:
+        raise ValidationError(
+            "plugins", f"at most {limits.max_plugins} plugins (got {len(msg.plugins)})"
+        )
     return GenerationRequest(
         prompt=msg.prompt if input_kind == "prompt" else None,
-        messages=chat_from_proto(msg.chat) if input_kind == "chat" else None,
+        messages=chat_from_proto(msg.chat, limits) if input_kind == "chat" else None,
         prompt_token_ids=list(msg.token_ids.ids) if input_kind == "token_ids" else None,
         max_new_tokens=t.max_new_tokens if t.HasField("max_new_tokens") else None,
         min_new_tokens=t.min_new_tokens,
@@ -57,19 +74,22 @@ def request_from_proto(msg: pb.GenerateRequest, deadline: float | None = None) -
         processed_logprobs=lp.processed,
         skip_special_tokens=not msg.keep_special_tokens,
         priority=msg.priority,
-        plugins=[_plugin(i, p) for i, p in enumerate(msg.plugins)],
+        plugins=[_plugin(i, p, limits) for i, p in enumerate(msg.plugins)],
     )
 
 
-def _plugin(index: int, plugin: pb.Plugin) -> PluginRequest:
+def _plugin(index: int, plugin: pb.Plugin, limits: RequestLimits) -> PluginRequest:
     args: Any = {}
     if plugin.args_json:
+        field = f"plugins[{index}].args_json"
         try:
-            args = json.loads(plugin.args_json)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"plugins[{index}].args_json", f"is not JSON: {exc}") from exc
+            args = loads_bounded(
+                plugin.args_json, limits.max_plugin_args_bytes, limits.max_plugin_args_depth
+            )
+        except JsonLimitError as exc:
+            raise ValidationError(field, str(exc)) from exc
         if not isinstance(args, dict):
-            raise ValidationError(f"plugins[{index}].args_json", "must be a JSON object")
+            raise ValidationError(field, "must be a JSON object")
     return PluginRequest(name=plugin.name, args=args)
 
 
@@ -112,10 +132,15 @@ def finish_to_proto(event: FinishEvent, error_code: int) -> pb.Finish:
     return finish
 
 
-def refused_finish(code: int, message: str) -> pb.Finish:
+def refused_finish(code: int, message: str, field: str = "") -> pb.Finish:
     """The Finish of a request refused before it was queued (a Session reports it so)."""
     return pb.Finish(
         reason=pb.FINISH_REASON_ERROR,
         usage=pb.Usage(),
-        error=pb.Error(code=code, message=message),
+        error=pb.Error(code=code, message=message, field=field),
     )
+
+
+def rejected(code: int, message: str, field: str = "") -> pb.Rejected:
+    """A Session item refused because its request id is already open (the open request goes on)."""
+    return pb.Rejected(code=code, message=message, field=field)

@@ -2,9 +2,15 @@
 
 Protobuf stops here: requests are converted to `GenerationRequest` at the
 door and events back to protobuf on the way out (`proto_convert.py`); status
-codes come from `status_codes.py` alone. Engine request ids are always
-assigned by the engine; the client's `request_id` is only echoed back, so
-ids never collide across clients or sessions.
+codes and error details come from `status_codes.py` alone. Engine request ids
+are always assigned by the engine; the client's `request_id` is only echoed
+back, so ids never collide across clients or sessions.
+
+Hostile input costs the event loop nothing: converting a request, validating
+it, rendering a chat template and tokenizing run on worker threads, each
+after the size checks that bound it. A refused request gets its status with
+`google.rpc` details; anything unexpected while refusing becomes INTERNAL with
+a generic message and an error id (the details go to the server log only).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -21,7 +28,13 @@ from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
 from .engine import Engine
-from .errors import EngineUnavailableError, TreadleError, ValidationError
+from .errors import (
+    DuplicateRequestError,
+    EngineUnavailableError,
+    SessionLimitError,
+    TreadleError,
+    ValidationError,
+)
 from .event_stream import EventStream
 from .events import Event, FinishEvent, TokenEvent
 from .generation_request import GenerationRequest
@@ -32,9 +45,11 @@ from .proto_convert import (
     finish_to_proto,
     logprobs_to_proto,
     refused_finish,
+    rejected,
     request_from_proto,
 )
-from .status_codes import code_number, finish_code, status_of
+from .status_codes import code_number, finish_code, rich_status, status_of
+from .validation import check_request_id
 
 log = logging.getLogger("treadle.service")
 
@@ -106,59 +121,89 @@ class GenerationService(pb_grpc.GenerationServicer):
             max_request_bytes=self.max_request_bytes,
             plugins=engine.plugins.names(),
             has_chat_template=engine.inputs.has_chat_template,
+            max_prompt_chars=engine.factory.max_prompt_chars,
+            max_chat_messages=limits.max_chat_messages,
+            max_request_id_bytes=limits.max_request_id_bytes,
+            max_stop_string_chars=limits.max_stop_string_chars,
+            max_stop_token_ids=limits.max_stop_token_ids,
+            max_bad_words=limits.max_bad_words,
+            max_bad_word_chars=limits.max_bad_word_chars,
+            max_bad_words_tokens=limits.max_bad_words_tokens,
+            max_logit_bias=limits.max_logit_bias,
+            max_allowed_token_ids=limits.max_allowed_token_ids,
+            max_plugin_args_bytes=limits.max_plugin_args_bytes,
+            max_plugin_args_depth=limits.max_plugin_args_depth,
+            max_priority=limits.max_priority,
+            max_session_requests=limits.max_session_requests,
+            max_stream_backlog=limits.max_stream_backlog,
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
         engine = await self._engine(context)
-        kind = request.WhichOneof("input")
-        gen = GenerationRequest(
-            prompt=request.prompt if kind == "prompt" else None,
-            messages=chat_from_proto(request.chat) if kind == "chat" else None,
-        )
         try:
-            ids = engine.inputs.prompt_ids(gen)
-        except TreadleError as exc:
-            await self._abort(context, exc)
-        tokens = engine.inputs.tokenizer.convert_ids_to_tokens(ids)
-        return pb.TokenizeResponse(token_ids=ids, tokens=[str(t) for t in tokens])
+            ids, tokens = await asyncio.to_thread(_tokenize, engine, request)
+        except Exception as exc:
+            await self._refuse(context, exc)
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
 
     # -- helpers ------------------------------------------------------------------------
     async def _engine(self, context: Any) -> Engine:
         if self.engine is None:
-            await self._abort(context, EngineUnavailableError("the model is still loading"))
+            await self._refuse(context, EngineUnavailableError("the model is still loading"))
         assert self.engine is not None
         return self.engine
 
-    def submit(self, request: pb.GenerateRequest, context: Any) -> EventStream:
-        """Convert and submit; raises TreadleError when the request is refused."""
-        if self.engine is None:
+    async def submit(self, request: pb.GenerateRequest, context: Any) -> EventStream:
+        """Convert, validate and submit off the event loop; raises TreadleError when the
+        request is refused (anything else is a bug, reported as INTERNAL by the caller)."""
+        engine = self.engine
+        if engine is None:
             raise EngineUnavailableError("the model is still loading")
         remaining = context.time_remaining()  # the call's deadline, handed to the engine
         deadline = None if remaining is None else max(remaining, 1e-3)
-        return self.engine.stream(request_from_proto(request, deadline=deadline))
+        limits = engine.config.limits
+        gen = await asyncio.to_thread(request_from_proto, request, limits, deadline)
+        stream = await engine.open_stream(gen)
+        stream.max_backlog = limits.max_stream_backlog
+        return stream
 
     async def _open(self, request: pb.GenerateRequest, context: Any) -> tuple[EventStream, str]:
         try:
-            stream = self.submit(request, context)
-        except TreadleError as exc:
-            await self._abort(context, exc)
+            stream = await self.submit(request, context)
+        except Exception as exc:
+            await self._refuse(context, exc)
         return stream, request.request_id or stream.request_id
 
-    async def _abort(self, context: Any, exc: BaseException) -> NoReturn:
-        code = status_of(exc)
+    async def _refuse(self, context: Any, exc: Exception) -> NoReturn:
+        """End the call with the status of `exc` and its error details."""
+        code, message, field = self.refusal(exc)
+        await context.abort_with_status(rich_status(code, message, field))
+        raise AssertionError("context.abort_with_status returned")  # pragma: no cover
+
+    def refusal(self, exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
+        """(code, message, field) of a refused request; counts it. An unexpected
+        exception is logged with an error id and reported as INTERNAL with that id only."""
+        if isinstance(exc, TreadleError):
+            code, message = status_of(exc), str(exc)
+        else:
+            error_id = uuid.uuid4().hex[:16]
+            log.error("refusing a request failed (error id %s)", error_id, exc_info=exc)
+            code = grpc.StatusCode.INTERNAL
+            message = f"internal error (error id {error_id}); the details are in the server log"
         self.metrics.count_error(code.name)
-        await context.abort(code, str(exc))
-        raise AssertionError("context.abort returned")  # pragma: no cover
+        return code, message, exc.field if isinstance(exc, ValidationError) else None
 
     async def _call_finish(self, event: FinishEvent, context: Any) -> pb.Finish:
-        """The Finish of a one-request call; a passed deadline fails the call instead.
+        """The Finish of a one-request call; a passed deadline or a reader too slow
+        fails the call instead (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED).
 
         The engine holds the call's deadline too and may notice it a moment
         before gRPC does: either way the caller sees DEADLINE_EXCEEDED.
         """
         finish = self.finish_message(event)
-        if finish_code(event) is grpc.StatusCode.DEADLINE_EXCEEDED:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, event.message or "")
+        code = finish_code(event)
+        if code in _FAILS_THE_CALL:
+            await context.abort_with_status(rich_status(code, event.message or ""))
         return finish
 
     def finish_message(self, event: FinishEvent) -> pb.Finish:
@@ -170,13 +215,20 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 
 class _Session:
-    """One bidirectional Session: many requests on one stream, by client-chosen ids."""
+    """One bidirectional Session: many requests on one stream, by client-chosen ids.
+
+    Items are handled in arrival order, one at a time (a `cancel` never overtakes
+    the `generate` before it). Each accepted id ends with exactly one Finish; a
+    `generate` whose id is still open gets a `Rejected` event instead. A bad or
+    refused item fails alone: the session reads on.
+    """
 
     def __init__(self, service: GenerationService, context: Any) -> None:
         self.service = service
         self.context = context
-        self.out: asyncio.Queue[pb.SessionEvent | None] = asyncio.Queue()
+        self.out: asyncio.Queue[tuple[str, pb.SessionEvent] | None] = asyncio.Queue()
         self.open: dict[str, EventStream] = {}  # client id -> stream of a running request
+        self.unread: dict[str, int] = {}  # client id -> its token events queued in `out`
         self.pumps: set[asyncio.Task[None]] = set()
 
     async def run(
@@ -184,7 +236,10 @@ class _Session:
     ) -> AsyncIterator[pb.SessionEvent]:
         reader = asyncio.ensure_future(self._read(requests))
         try:
-            while (event := await self.out.get()) is not None:
+            while (item := await self.out.get()) is not None:
+                client_id, event = item
+                if event.HasField("token"):
+                    self.unread[client_id] -= 1
                 yield event
             await reader  # re-raise what ended the reader, if anything
         finally:
@@ -197,7 +252,7 @@ class _Session:
             async for msg in requests:
                 action = msg.WhichOneof("action")
                 if action == "generate":
-                    self._start(msg.generate)
+                    await self._start(msg.generate)
                 elif action == "cancel" and msg.cancel.request_id in self.open:
                     self.open[msg.cancel.request_id].cancel()
         finally:  # half-closed or failed: the open requests still finish
@@ -205,31 +260,57 @@ class _Session:
                 await asyncio.gather(*self.pumps, return_exceptions=True)
             self.out.put_nowait(None)
 
-    def _start(self, request: pb.GenerateRequest) -> None:
+    async def _start(self, request: pb.GenerateRequest) -> None:
         client_id = request.request_id
         try:
+            limits = self.service.engine.config.limits if self.service.engine else None
             if not client_id:
                 raise ValidationError("request_id", "is required in a Session")
+            if limits is not None:
+                check_request_id(client_id, limits)
             if client_id in self.open:
-                raise ValidationError(
-                    "request_id", f"{client_id!r} is already open in this Session"
+                raise DuplicateRequestError(
+                    f"request_id: {client_id!r} is already open in this Session"
                 )
-            stream = self.service.submit(request, self.context)
-        except TreadleError as exc:
-            code = status_of(exc)
-            self.service.metrics.count_error(code.name)
-            finish = refused_finish(code_number(code), str(exc))
-            self.out.put_nowait(pb.SessionEvent(request_id=client_id, finish=finish))
+            if limits is not None and len(self.open) >= limits.max_session_requests:
+                raise SessionLimitError(
+                    f"this Session has {len(self.open)} requests in flight, its limit; "
+                    "send more once some have finished"
+                )
+            stream = await self.service.submit(request, self.context)
+        except Exception as exc:
+            self._refused(client_id, exc)
             return
         self.open[client_id] = stream
+        self.unread[client_id] = 0
         task = asyncio.ensure_future(self._pump(client_id, stream))
         self.pumps.add(task)
         task.add_done_callback(self.pumps.discard)
 
+    def _refused(self, client_id: str, exc: Exception) -> None:
+        code, message, field = self.service.refusal(exc)
+        if isinstance(exc, DuplicateRequestError):  # the open request with this id goes on
+            event = pb.SessionEvent(
+                request_id=client_id,
+                rejected=rejected(code_number(code), message, "request_id"),
+            )
+        else:
+            if field == "request_id":  # an id refused for itself is not echoed
+                client_id = ""
+            finish = refused_finish(code_number(code), message, field or "")
+            event = pb.SessionEvent(request_id=client_id, finish=finish)
+        self.out.put_nowait((client_id, event))
+
     async def _pump(self, client_id: str, stream: EventStream) -> None:
+        limit = stream.max_backlog
         try:
             async for event in stream:
-                self.out.put_nowait(self._event(client_id, event))
+                if isinstance(event, TokenEvent):
+                    self.unread[client_id] += 1
+                    if self.unread[client_id] > limit:  # the client is not reading
+                        stream.cut()
+                        continue
+                self.out.put_nowait((client_id, self._event(client_id, event)))
         finally:
             self.open.pop(client_id, None)
 
@@ -237,6 +318,22 @@ class _Session:
         if isinstance(event, TokenEvent):
             return pb.SessionEvent(request_id=client_id, token=chunk_to_proto(event))
         return pb.SessionEvent(request_id=client_id, finish=self.service.finish_message(event))
+
+
+def _tokenize(engine: Engine, request: pb.TokenizeRequest) -> tuple[list[int], list[str]]:
+    """The token ids of a Tokenize input and their token strings (runs off the event loop)."""
+    kind = request.WhichOneof("input")
+    limits = engine.config.limits
+    gen = GenerationRequest(
+        prompt=request.prompt if kind == "prompt" else None,
+        messages=chat_from_proto(request.chat, limits) if kind == "chat" else None,
+    )
+    ids = engine.factory.prompt_ids(gen)
+    return ids, [str(t) for t in engine.inputs.tokenizer.convert_ids_to_tokens(ids)]
+
+
+# Outcomes that end a one-request call with their status instead of a Finish.
+_FAILS_THE_CALL = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 def service_names() -> tuple[str, ...]:

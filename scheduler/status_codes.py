@@ -1,13 +1,23 @@
-"""The one place where errors and outcomes become gRPC status codes."""
+"""The one place where errors and outcomes become gRPC status codes and error details.
+
+A refused call carries, besides its code and readable message, the standard
+`google.rpc` details (grpcio-status): `BadRequest` with the field violation
+for INVALID_ARGUMENT, `RetryInfo` with a retry delay for RESOURCE_EXHAUSTED
+and UNAVAILABLE (a client may retry those; not the others).
+"""
 
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from .errors import (
     DuplicateRequestError,
     EngineUnavailableError,
     QueueFullError,
+    SessionLimitError,
     ValidationError,
 )
 from .events import Cause, FinishEvent, FinishReason
@@ -15,9 +25,22 @@ from .events import Cause, FinishEvent, FinishReason
 _BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SessionLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
 )
+
+# Seconds a client is told to wait before retrying (RetryInfo.retry_delay).
+RETRY_DELAY_S: dict[grpc.StatusCode, float] = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 0.5,  # a queue slot frees within a few steps
+    grpc.StatusCode.UNAVAILABLE: 1.0,  # loading or draining: another replica, or later
+}
+
+_BY_CAUSE: dict[Cause, grpc.StatusCode] = {
+    Cause.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cause.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+    Cause.SLOW_READER: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -33,13 +56,40 @@ def finish_code(event: FinishEvent) -> grpc.StatusCode:
     if event.reason is FinishReason.ERROR:
         return grpc.StatusCode.INTERNAL
     if event.reason is FinishReason.CANCELLED:
-        if event.cause is Cause.DEADLINE:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        if event.cause is Cause.SHUTDOWN:
-            return grpc.StatusCode.UNAVAILABLE
-        return grpc.StatusCode.CANCELLED
+        if event.cause is None:
+            return grpc.StatusCode.CANCELLED
+        return _BY_CAUSE.get(event.cause, grpc.StatusCode.CANCELLED)
     return grpc.StatusCode.OK
 
 
 def code_number(code: grpc.StatusCode) -> int:
     return int(code.value[0])
+
+
+def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -> grpc.Status:
+    """A call status with its `google.rpc` details: `BadRequest` naming `field`, or
+    `RetryInfo` for the retryable codes (see RETRY_DELAY_S)."""
+    details: list[any_pb2.Any] = []
+    if field is not None:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=field, description=message.removeprefix(f"{field}: ")
+        )
+        details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
+    if code in RETRY_DELAY_S:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(RETRY_DELAY_S[code] * 1e9))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+    status = status_pb2.Status(code=code_number(code), message=message, details=details)
+    return rpc_status.to_status(status)
+
+
+def status_for_error(exc: BaseException) -> grpc.Status:
+    """The rich status of a refused request (`exc` is a TreadleError)."""
+    field = exc.field if isinstance(exc, ValidationError) else None
+    return rich_status(status_of(exc), str(exc), field)
+
+
+def _packed(message: error_details_pb2.BadRequest | error_details_pb2.RetryInfo) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

@@ -18,7 +18,7 @@ from ..worker.plugins.base import PluginArgumentError, PluginBinding, PluginCont
 from .detokenizer import IncrementalDetokenizer
 from .errors import ValidationError
 from .generation_request import GenerationRequest
-from .inputs import InputProcessor
+from .inputs import InputProcessor, input_fields
 from .request import EventSink, Request, StoppingParams
 
 
@@ -51,15 +51,25 @@ class RequestFactory:
             eos_token_ids=model.eos_token_ids,
         )
 
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.limits.prompt_chars(self.model.max_total_len)
+
     def build(self, gen: GenerationRequest, request_id: str, sink: EventSink) -> Request:
-        """Validate `gen` and return a queued-to-be `Request`; raises ValidationError."""
-        self._check_request_id(request_id)
+        """Validate `gen` and return a queued-to-be `Request`; raises ValidationError.
+
+        Everything whose cost grows with the request's size is checked against
+        its limit before the costly part (tokenizing, binding plugins) runs.
+        """
+        check_request_id(request_id, self.limits)
         try:
             check_params(gen, self.limits)
             check_seconds("deadline", gen.deadline)  # server-side only: from the call's deadline
         except ParameterError as exc:
             raise ValidationError(exc.field, exc.detail) from exc
-        prompt_ids = self.inputs.prompt_ids(gen)
+        self._check_priority(gen.priority)
+        self._check_bad_word_chars(gen.bad_words)
+        prompt_ids = self.prompt_ids(gen)
         max_new = self._max_new_tokens(gen, len(prompt_ids))
         stopping = self._stopping(gen, max_new)
         sampling = self._sampling(gen, stopping)
@@ -78,22 +88,48 @@ class RequestFactory:
             arrival=now,
         )
 
-    # -- pieces -----------------------------------------------------------------
-    def _check_request_id(self, request_id: str) -> None:
-        if not request_id:
-            raise ValidationError("request_id", "must not be empty")
-        if len(request_id) > self.limits.max_request_id_chars:
+    def prompt_ids(self, gen: GenerationRequest) -> list[int]:
+        """The input's token ids (as `InputProcessor.prompt_ids`), after its size is
+        checked: characters of a prompt or chat, count of token ids."""
+        chars = self.max_prompt_chars
+        if gen.prompt is not None and len(gen.prompt) > chars:
             raise ValidationError(
-                "request_id", f"is longer than {self.limits.max_request_id_chars} characters"
+                "prompt", f"is {len(gen.prompt)} characters; the limit is {chars}"
             )
+        if gen.messages is not None:
+            total = sum(len(m.role) + len(m.content) for m in gen.messages)
+            if total > chars:
+                raise ValidationError("chat", f"is {total} characters in all; the limit is {chars}")
+        if gen.prompt_token_ids is not None and len(gen.prompt_token_ids) >= (
+            limit := self.model.max_total_len
+        ):
+            raise ValidationError("token_ids", self._too_long(len(gen.prompt_token_ids), limit))
+        return self.inputs.prompt_ids(gen)
+
+    # -- pieces -----------------------------------------------------------------
+    def _check_priority(self, priority: int) -> None:
+        most = self.limits.max_priority
+        if not -most <= priority <= most:
+            raise ValidationError("priority", f"must be within [{-most}, {most}] (got {priority})")
+
+    def _check_bad_word_chars(self, words: list[str]) -> None:
+        most = self.limits.max_bad_word_chars
+        for i, word in enumerate(words):
+            if len(word) > most:
+                raise ValidationError(f"bad_words[{i}]", f"is longer than {most} characters")
+
+    @staticmethod
+    def _too_long(prompt_len: int, limit: int) -> str:
+        return (
+            f"is {prompt_len} tokens; the limit is {limit - 1} "
+            f"(context {limit} minus at least one new token)"
+        )
 
     def _max_new_tokens(self, gen: GenerationRequest, prompt_len: int) -> int:
         limit = self.model.max_total_len
         if prompt_len >= limit:
             raise ValidationError(
-                "prompt",
-                f"is {prompt_len} tokens; the limit is {limit - 1} "
-                f"(context {limit} minus at least one new token)",
+                (input_fields(gen) or ["input"])[0], self._too_long(prompt_len, limit)
             )
         if gen.max_new_tokens is None:
             return min(self.limits.default_max_new_tokens, limit - prompt_len)
@@ -152,7 +188,15 @@ class RequestFactory:
             # The word on its own and mid-sentence (after a space) tokenize differently.
             for variant in (word, " " + word.lstrip()):
                 sequences.append(tuple(self.inputs.encode(variant)))
-        return tuple(dict.fromkeys(s for s in sequences if s))
+        unique = tuple(dict.fromkeys(s for s in sequences if s))
+        total, most = sum(len(s) for s in unique), self.limits.max_bad_words_tokens
+        if total > most:  # each step checks every sequence against the row's tail
+            raise ValidationError(
+                "bad_words",
+                f"the sequences are {total} tokens in all (bad_words tokenized as given and "
+                f"after a space, plus bad_words_ids); the limit is {most}",
+            )
+        return unique
 
     def _logit_bias(self, gen: GenerationRequest) -> tuple[tuple[int, float], ...]:
         self._check_vocab("logit_bias", gen.logit_bias)
@@ -191,3 +235,15 @@ def _plugin_error(index: int, name: str, message: str) -> ValidationError:
         return ValidationError(f"plugins[{index}]", message)
     field, _, detail = rest.partition(": ")
     return ValidationError(f"plugins[{index}]{field}", detail)
+
+
+def check_request_id(request_id: str, limits: RequestLimits) -> None:
+    """A request id must be set and at most `limits.max_request_id_bytes` UTF-8 bytes
+    (it is echoed in every event of its request)."""
+    if not request_id:
+        raise ValidationError("request_id", "must not be empty")
+    size = len(request_id.encode("utf-8", "surrogatepass"))
+    if size > limits.max_request_id_bytes:
+        raise ValidationError(
+            "request_id", f"is {size} bytes; the limit is {limits.max_request_id_bytes}"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from treadle.worker.plugins import (
     run_stopping_plugins,
 )
 from treadle.worker.plugins import registry as registry_module
+from treadle.worker.plugins.builtin import PhraseBoostState, PhraseSequence
 from treadle.worker.processors import LogitsPipeline
 
 V = 32
@@ -151,7 +153,9 @@ def test_default_registry_has_the_builtins_and_is_a_new_object_each_time() -> No
 def test_unknown_plugin_names_the_known_ones() -> None:
     with pytest.raises(PluginArgumentError) as err:
         default_registry().bind("nope", {}, CTX)
-    assert str(err.value) == "plugins: unknown plugin 'nope' (known: confidence_stop, phrase_boost)"
+    assert str(err.value) == (
+        "plugins[nope].name: unknown plugin 'nope' (known: confidence_stop, phrase_boost)"
+    )
 
 
 def test_register_rejects_duplicates_bad_names_and_non_plugins() -> None:
@@ -393,6 +397,10 @@ def test_phrase_boost_boosts_first_tokens_and_the_continuation_of_a_phrase_in_pr
         ({"phrases": ["x" * 257]}, r"plugins\[phrase_boost\]\.phrases: each phrase at most 256"),
         ({"phrases": ["x"] * 65}, r"plugins\[phrase_boost\]\.phrases: at most 64 phrases, got 65"),
         ({"phrases": ["fox"], "boost": 1}, r"plugins\[phrase_boost\]: unknown argument 'boost'"),
+        (
+            {"phrases": ["\u00e9\u4e2d\U0001f600" * 60] * 8},
+            r"plugins\[phrase_boost\]\.phrases: \d+ tokens in all .*the limit is 1024",
+        ),
     ],
 )
 def test_phrase_boost_rejects_bad_arguments_naming_them(args: dict[str, Any], message: str) -> None:
@@ -401,6 +409,36 @@ def test_phrase_boost_rejects_bad_arguments_naming_them(args: dict[str, Any], me
         PhraseBoost().bind(
             args, PluginContext(tokenizer=tok, vocab_size=len(tok), eos_token_ids=())
         )
+
+
+def _boosted_by_brute_force(sequences: list[tuple[int, ...]], tail: list[int]) -> set[int]:
+    """The quadratic definition: every first token, and seq[done] wherever seq[:done] ends tail."""
+    out = {s[0] for s in sequences}
+    for seq in sequences:
+        for done in range(1, min(len(seq), len(tail) + 1)):
+            if tuple(tail[len(tail) - done :]) == seq[:done]:
+                out.add(seq[done])
+    return out
+
+
+def test_phrase_boost_linear_matching_equals_the_quadratic_definition() -> None:
+    rng = random.Random(7)
+    for _ in range(400):
+        sequences = [
+            tuple(rng.choice((1, 2, 3)) for _ in range(rng.randint(1, 9)))
+            for _ in range(rng.randint(1, 4))
+        ]
+        tail = [rng.choice((1, 2, 3)) for _ in range(rng.randint(0, 20))]
+        state = PhraseBoostState(tuple(map(PhraseSequence.of, sequences)), 1.0)
+        assert state.boosted(tail) == _boosted_by_brute_force(sequences, tail), (sequences, tail)
+
+
+def test_phrase_boost_step_work_does_not_grow_with_the_row() -> None:
+    # a periodic phrase against a long periodic row: the quadratic scan did
+    # len(phrase)^2 comparisons; the automaton reads the last len(phrase) - 1 tokens once
+    seq = PhraseSequence.of((5,) * 1000)
+    assert seq.continuations([5] * 100_000) == {5}
+    assert seq.continuations([4] * 100_000) == set()
 
 
 # ---------------------------------------------------------------- confidence_stop

@@ -17,26 +17,66 @@ from .base import LogitsPlugin, PluginArgumentError, PluginContext
 
 MAX_PHRASES = 64
 MAX_PHRASE_CHARS = 256
+MAX_PHRASE_TOKENS = 1024  # all phrase variants together: the per-step work is linear in it
 MAX_BIAS = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class PhraseSequence:
+    """One phrase variant's token ids and their prefix function (KMP)."""
+
+    ids: tuple[int, ...]
+    borders: tuple[int, ...]  # borders[i]: longest proper prefix of ids[: i + 1] that ends it
+
+    @classmethod
+    def of(cls, ids: tuple[int, ...]) -> PhraseSequence:
+        borders = [0] * len(ids)
+        k = 0
+        for i in range(1, len(ids)):
+            while k and ids[i] != ids[k]:
+                k = borders[k - 1]
+            if ids[i] == ids[k]:
+                k += 1
+            borders[i] = k
+        return cls(ids, tuple(borders))
+
+    def continuations(self, token_ids: Sequence[int]) -> set[int]:
+        """`ids[done]` for every `0 < done < len(ids)` where `ids[:done]` ends `token_ids`.
+
+        One pass of the KMP automaton over the last `len(ids) - 1` tokens, then
+        the chain of borders: O(len(ids)) per call, whatever `token_ids` holds.
+        """
+        n = len(self.ids)
+        matched = 0
+        for t in token_ids[max(0, len(token_ids) - (n - 1)) :]:
+            if matched == n:
+                matched = self.borders[matched - 1]
+            while matched and self.ids[matched] != t:
+                matched = self.borders[matched - 1]
+            if self.ids[matched] == t:
+                matched += 1
+        found: set[int] = set()
+        while matched:
+            if matched < n:
+                found.add(self.ids[matched])
+            matched = self.borders[matched - 1]
+        return found
 
 
 @dataclass(frozen=True, slots=True)
 class PhraseBoostState:
     """One request's phrases, tokenised, and its bias."""
 
-    sequences: tuple[tuple[int, ...], ...]  # token ids of every phrase variant
+    sequences: tuple[PhraseSequence, ...]  # every phrase variant
     bias: float
 
     def boosted(self, token_ids: Sequence[int]) -> set[int]:
         """The tokens to boost after `token_ids`: every phrase's first token, and the
-        next token of every phrase whose beginning ends `token_ids`."""
-        longest = max(len(s) for s in self.sequences)
-        tail = tuple(token_ids[len(token_ids) - min(longest - 1, len(token_ids)) :])
-        boosted = {s[0] for s in self.sequences}
+        next token of every phrase whose beginning ends `token_ids` (linear in the
+        phrases' total length)."""
+        boosted = {s.ids[0] for s in self.sequences}
         for seq in self.sequences:
-            for done in range(1, min(len(seq), len(tail) + 1)):
-                if tail[len(tail) - done :] == seq[:done]:
-                    boosted.add(seq[done])
+            boosted |= seq.continuations(token_ids)
         return boosted
 
 
@@ -45,10 +85,12 @@ class PhraseBoost(LogitsPlugin):
     and to the next token of any phrase already begun at the end of the row.
 
     Arguments: `phrases` (1 to 64 non-empty strings of at most 256
-    characters), `bias` (a number within [-100, 100], default 2.0). Each
+    characters, at most 1024 tokens in all once tokenised, variants
+    included), `bias` (a number within [-100, 100], default 2.0). Each
     phrase is tokenised as given and with a leading space, so that it also
     matches in the middle of a sentence. A token is boosted once per step
-    however many phrases ask for it.
+    however many phrases ask for it; the work per step is linear in the
+    phrases' tokens.
     """
 
     name = "phrase_boost"
@@ -95,7 +137,13 @@ class PhraseBoost(LogitsPlugin):
                     sequences[ids] = None
         if not sequences:
             raise PluginArgumentError(f"{path}.phrases: no phrase has tokens in the vocabulary")
-        return PhraseBoostState(tuple(sequences), float(bias))
+        total = sum(len(ids) for ids in sequences)
+        if total > MAX_PHRASE_TOKENS:
+            raise PluginArgumentError(
+                f"{path}.phrases: {total} tokens in all (each phrase as given and after a "
+                f"space); the limit is {MAX_PHRASE_TOKENS}"
+            )
+        return PhraseBoostState(tuple(map(PhraseSequence.of, sequences)), float(bias))
 
     def __call__(
         self, scores: torch.Tensor, rows: Sequence[RowInput], states: Sequence[object]

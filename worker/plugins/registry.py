@@ -64,7 +64,7 @@ class PluginRegistry:
         except KeyError:
             known = ", ".join(self.names()) or "none"
             raise PluginArgumentError(
-                f"plugins: unknown plugin {name!r} (known: {known})"
+                f"plugins[{name}].name: unknown plugin {name!r} (known: {known})"
             ) from None
 
     def bind(self, name: str, args: Mapping[str, Any], ctx: PluginContext) -> PluginBinding:

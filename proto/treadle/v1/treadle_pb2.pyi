@@ -192,12 +192,14 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "field")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    field: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "stop_sequence", "usage", "error")
@@ -249,22 +251,34 @@ class SessionRequest(_message.Message):
     cancel: Cancel
     def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
+class Rejected(_message.Message):
+    __slots__ = ("code", "message", "field")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    field: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+
 class SessionEvent(_message.Message):
-    __slots__ = ("request_id", "token", "finish")
+    __slots__ = ("request_id", "token", "finish", "rejected")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token: TokenChunk
     finish: Finish
-    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[TokenChunk, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ...) -> None: ...
+    rejected: Rejected
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[TokenChunk, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., rejected: _Optional[_Union[Rejected, _Mapping]] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template")
+    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template", "max_prompt_chars", "max_chat_messages", "max_request_id_bytes", "max_stop_string_chars", "max_stop_token_ids", "max_bad_words", "max_bad_word_chars", "max_bad_words_tokens", "max_logit_bias", "max_allowed_token_ids", "max_plugin_args_bytes", "max_plugin_args_depth", "max_priority", "max_session_requests", "max_stream_backlog")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +293,21 @@ class ModelInfoResponse(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     PLUGINS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHAT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ID_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRING_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BAD_WORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BAD_WORD_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BAD_WORDS_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ALLOWED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PLUGIN_ARGS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PLUGIN_ARGS_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_BACKLOG_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     max_total_tokens: int
@@ -293,7 +322,22 @@ class ModelInfoResponse(_message.Message):
     max_request_bytes: int
     plugins: _containers.RepeatedScalarFieldContainer[str]
     has_chat_template: bool
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    max_prompt_chars: int
+    max_chat_messages: int
+    max_request_id_bytes: int
+    max_stop_string_chars: int
+    max_stop_token_ids: int
+    max_bad_words: int
+    max_bad_word_chars: int
+    max_bad_words_tokens: int
+    max_logit_bias: int
+    max_allowed_token_ids: int
+    max_plugin_args_bytes: int
+    max_plugin_args_depth: int
+    max_priority: int
+    max_session_requests: int
+    max_stream_backlog: int
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_bad_words: _Optional[int] = ..., max_bad_word_chars: _Optional[int] = ..., max_bad_words_tokens: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_allowed_token_ids: _Optional[int] = ..., max_plugin_args_bytes: _Optional[int] = ..., max_plugin_args_depth: _Optional[int] = ..., max_priority: _Optional[int] = ..., max_session_requests: _Optional[int] = ..., max_stream_backlog: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt", "chat")

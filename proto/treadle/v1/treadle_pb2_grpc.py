@@ -85,8 +85,14 @@ class GenerationServicer:
     def Session(self, request_iterator, context):
         """Many requests multiplexed on one bidirectional stream by client-chosen
         ids. A `cancel` message ends one request; an invalid or failed request
-        gets its own Finish (reason ERROR) and the stream goes on; when the client
-        half-closes, the stream ends once its requests have finished.
+        gets its own Finish (reason ERROR) and the stream goes on; a `generate`
+        whose id is still open gets a `Rejected` event instead (the open request
+        goes on and keeps its single Finish); when the client half-closes, the
+        stream ends once its requests have finished. At most
+        ModelInfoResponse.max_session_requests requests are in flight per Session
+        (the next one finishes at once with RESOURCE_EXHAUSTED). A request whose
+        events the client leaves unread beyond max_stream_backlog is cancelled
+        with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
