@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -30,7 +31,8 @@ _RATE_WINDOW_S = 10.0  # tokens/sec gauge: tokens generated over this many secon
 class ServerMetrics:
     """Every metric the server exports, in one `CollectorRegistry`."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # for the tokens/s window
         self.registry = r = CollectorRegistry()
         Gauge("treadle_model_info", "The served model.", ["model"], registry=r).labels(
             model=model_name
@@ -137,12 +139,19 @@ class ServerMetrics:
         self.errors.labels(code=code_name).inc()
 
     def _observe_rate(self, tokens: int) -> None:
+        """Record a step's tokens; pruned here too, so an unscraped server holds one window."""
+        now = self._clock()
         with self._lock:
-            self._window.append((time.monotonic(), tokens))
+            self._window.append((now, tokens))
+            self._prune(now)
 
     def _rate(self) -> float:
-        cutoff = time.monotonic() - _RATE_WINDOW_S
         with self._lock:
-            while self._window and self._window[0][0] < cutoff:
-                self._window.popleft()
+            self._prune(self._clock())
             return sum(n for _, n in self._window) / _RATE_WINDOW_S
+
+    def _prune(self, now: float) -> None:
+        """Drop entries older than the window (hold `_lock`)."""
+        cutoff = now - _RATE_WINDOW_S
+        while self._window and self._window[0][0] < cutoff:
+            self._window.popleft()

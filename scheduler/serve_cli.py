@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .engine_config import EngineConfig
 
@@ -25,9 +25,12 @@ def _env(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
 def _flag(
     p: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], default: Any, help: str
 ) -> None:
-    """A flag whose default comes from TREADLE_<FLAG> when set; the help names the variable."""
+    """A flag whose default comes from TREADLE_<FLAG> when set; the help names the variable
+    and the default in effect (the built-in one, or the variable's value)."""
     env = "TREADLE_" + flag.removeprefix("--").replace("-", "_").upper()
-    p.add_argument(flag, type=kind, default=_env(env, default, kind), help=f"{help} [{env}]")
+    value = _env(env, default, kind)
+    shown = "" if value is None else f" (default: {value})"
+    p.add_argument(flag, type=kind, default=value, help=f"{help}{shown} [{env}]")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,6 +74,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ),
         ("--host", str, "0.0.0.0", "address to listen on"),
         ("--port", int, 50051, "gRPC port; 0 picks a free one"),
+        (
+            "--metrics-host",
+            str,
+            None,
+            "address the Prometheus /metrics endpoint listens on (default: the --host value)",
+        ),
         ("--metrics-port", int, 9090, "Prometheus /metrics port; -1 = off, 0 picks a free one"),
         ("--grace-period", float, 30.0, "seconds running requests get to finish on SIGTERM"),
         ("--tls-cert", Path, None, "server certificate (PEM); with --tls-key serves TLS"),
@@ -96,6 +105,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             "re-resolve and spread over new replicas; 0 = never",
         ),
         ("--max-request-bytes", int, 4 * 2**20, "largest request message accepted"),
+        (
+            "--max-concurrent-streams",
+            int,
+            256,
+            "calls at once on one client connection (HTTP/2 streams; more wait in the "
+            "client until one ends); 0 = no cap",
+        ),
         (
             "--default-max-new-tokens",
             int,
@@ -124,24 +140,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def serve_main(argv: list[str]) -> int:
-    """`treadle serve ARGS...`: parse the flags and serve."""
+def serve_main(argv: list[str]) -> NoReturn:
+    """`treadle serve ARGS...`: parse the flags (usage errors exit 2) and serve."""
     parser = argparse.ArgumentParser(
         prog="treadle serve",
         description="Serve a model over gRPC. Every flag can also be set by the environment "
         "variable named in its help.",
     )
     add_serve_arguments(parser)
-    return run_serve(parser.parse_args(argv))
+    run_serve(parser.parse_args(argv))
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit code."""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def run_serve(args: argparse.Namespace) -> NoReturn:
+    """Serve until SIGTERM/SIGINT, then end the process with the exit code.
+
+    Exit codes: 0 after a drain, 1 when the server cannot start, 70 when the
+    engine failed while serving (`serve_main.EXIT_*`).
+    """
+    try:
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    except ValueError as exc:
+        print(f"treadle serve: --log-level: {exc}", file=sys.stderr)
+        _end_process(1)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -150,7 +174,19 @@ def run_serve(args: argparse.Namespace) -> int:
             f"treadle serve needs the server install: pip install 'treadle[server]' ({exc})",
             file=sys.stderr,
         )
-        return 2
+        _end_process(1)
     from .serve_main import serve
 
-    return asyncio.run(serve(args))
+    # Not asyncio.run: its teardown cancels the gRPC server's tasks, and a stopping gRPC
+    # server answers CANCELLED to calls that arrive meanwhile. The loop is left as it is
+    # after the drain, and the process ends: connections drop, clients see UNAVAILABLE.
+    loop = asyncio.new_event_loop()
+    _end_process(loop.run_until_complete(serve(args)))
+
+
+def _end_process(code: int) -> NoReturn:
+    """Flush the logs and streams, then end the process at once with `code`."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

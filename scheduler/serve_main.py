@@ -19,20 +19,30 @@ from .server import ServerConfig, ServerStartError, TreadleServer
 log = logging.getLogger("treadle.serve")
 
 
+EXIT_OK = 0  # drained after SIGTERM/SIGINT
+EXIT_START_FAILED = 1  # bad settings, port taken, TLS files wrong, model missing or unreadable
+EXIT_ENGINE_FAILED = 70  # the engine's step thread died while serving (EX_SOFTWARE)
+
+
 async def serve(args: argparse.Namespace) -> int:
-    """Exit codes: 0 after a clean drain, 1 when the server or the model cannot start."""
+    """Serve until a signal or an engine failure; returns the exit code (EXIT_*).
+
+    Returns after the lame duck (`TreadleServer.lame_duck`) with the gRPC
+    server still answering UNAVAILABLE: the caller ends the process without
+    stopping it, so no call is ever answered CANCELLED (see server.py).
+    """
     try:
         plugins = _plugins(args.plugin)
         server_config = _server_config(args)
     except (PluginArgumentError, ValueError, OSError) as exc:
         print(f"treadle serve: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_START_FAILED
     server = TreadleServer(server_config, args.model or DEFAULT_MODEL)
     try:
         await server.start()
     except ServerStartError as exc:
         print(f"treadle serve: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_START_FAILED
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -42,19 +52,27 @@ async def serve(args: argparse.Namespace) -> int:
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():  # asked to stop while loading: nothing runs yet
-        await server.drain()
-        return 0
+        await server.lame_duck()
+        return EXIT_OK
     try:
         engine = loading.result()
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, OSError) as exc:  # OSError: e.g. an unreadable model folder
         print(f"treadle serve: {exc}", file=sys.stderr)
-        await server.drain()
-        return 1
+        await server.lame_duck()
+        return EXIT_START_FAILED
     await server.serve(engine)
-    await stopping
+    failing = asyncio.ensure_future(server.failed.wait())
+    await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+    if server.failed.is_set():
+        log.error(
+            "the engine failed: exiting with %d so that the process is restarted",
+            EXIT_ENGINE_FAILED,
+        )
+        await server.lame_duck()
+        return EXIT_ENGINE_FAILED
     log.info("signal received: draining for up to %.0f s", server_config.grace_period)
-    await server.drain()
-    return 0
+    await server.lame_duck()
+    return EXIT_OK
 
 
 def _plugins(specs: list[str]) -> PluginRegistry:
@@ -84,14 +102,20 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    token = os.environ.get("TREADLE_AUTH_TOKEN") or None
+    token = os.environ.get("TREADLE_AUTH_TOKEN", "").strip() or None
     if args.auth_token_file is not None:
-        token = args.auth_token_file.read_text().strip()
+        try:
+            token = args.auth_token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"--auth-token-file: cannot read {args.auth_token_file}: {exc.strerror or exc}"
+            ) from exc
         if not token:
             raise ValueError(f"--auth-token-file {args.auth_token_file} is empty")
     return ServerConfig(
         host=args.host,
         port=args.port,
+        metrics_host=args.metrics_host or args.host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         grace_period=args.grace_period,
         max_request_bytes=args.max_request_bytes,
@@ -100,4 +124,5 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         auth_token=token,
         max_connection_age=args.max_connection_age or None,
+        max_concurrent_streams=args.max_concurrent_streams or None,
     )

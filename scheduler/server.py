@@ -3,16 +3,27 @@
 Lifecycle:
   start()        bind the gRPC port (health answers NOT_SERVING, Generation
                  answers UNAVAILABLE) and the metrics port;
-  serve(engine)  attach the engine, start it, warm it up, then SERVING;
-  drain()        NOT_SERVING, refuse new requests (UNAVAILABLE), let running
+  serve(engine)  start the engine, warm it up, attach the metrics, then SERVING;
+                 if the engine's step thread dies, health turns NOT_SERVING
+                 and `failed` is set;
+  lame_duck()    NOT_SERVING, refuse new requests (UNAVAILABLE), let running
                  ones finish for the grace period, cancel the rest (each gets
-                 its terminal event), stop the server.
+                 its terminal event); the gRPC server keeps answering;
+  close()        stop the gRPC server and release the port;
+  drain()        lame_duck() then close().
+
+gRPC core cancels (CANCELLED) calls that reach a server while it stops, so a
+process that must never answer CANCELLED ends after `lame_duck()` without
+`close()`: the connections then drop and clients see UNAVAILABLE
+(`serve_main` does that).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +36,7 @@ from prometheus_client import start_http_server
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
+from .call_tracker import CallTracker
 from .engine import Engine
 from .generation_request import GenerationRequest
 from .metrics import ServerMetrics
@@ -34,6 +46,9 @@ log = logging.getLogger("treadle.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+_FLUSH_S = 5.0  # after the engine drained: the longest wait for calls to send their last answer
 
 
 class ServerStartError(RuntimeError):
@@ -53,6 +68,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # CA for client certificates: enables mutual TLS
     auth_token: str | None = None  # bearer token required on every call but health
     max_connection_age: float | None = 300.0  # seconds; clients then reconnect and re-resolve
+    max_concurrent_streams: int | None = 256  # calls at once per client connection; None: no cap
 
 
 class TreadleServer:
@@ -66,14 +82,17 @@ class TreadleServer:
         self.engine: Engine | None = None
         self.port = 0  # the bound gRPC port, once started
         self.metrics_port: int | None = None  # the bound metrics port, once started
+        self.failed = asyncio.Event()  # set when the engine's step thread died
+        self.calls = CallTracker()
+        self._health_task: asyncio.Future[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
 
     async def start(self) -> None:
         """Bind the ports and start answering; health is NOT_SERVING until `serve`."""
-        interceptors = (
-            [BearerTokenInterceptor(self.config.auth_token)] if self.config.auth_token else []
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.calls]
+        if self.config.auth_token:
+            interceptors.append(BearerTokenInterceptor(self.config.auth_token))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=self._options(),
@@ -85,8 +104,8 @@ class TreadleServer:
         )
         await self._set_health(NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
+        credentials = self._credentials()
         try:
-            credentials = self._credentials()
             if credentials is None:
                 self.port = server.add_insecure_port(address)
             else:
@@ -99,38 +118,84 @@ class TreadleServer:
         self._server = server
         if self.config.metrics_port is not None:
             self._start_metrics()
+        if self.config.auth_token and credentials is None:
+            log.warning(
+                "a bearer token is required but TLS is off: the token crosses the network "
+                "in clear text (set --tls-cert and --tls-key)"
+            )
+        metrics = (
+            f", metrics on {self.config.metrics_host}:{self.metrics_port}/metrics"
+            if self.metrics_port is not None
+            else ""
+        )
         log.info(
-            "listening on %s:%d (%s)%s",
-            self.config.host,
-            self.port,
-            "TLS" if self.config.tls_cert else "plaintext",
-            f", metrics on :{self.metrics_port}/metrics" if self.metrics_port is not None else "",
+            "listening on %s:%d (%s)%s", self.config.host, self.port, self._security(), metrics
         )
 
     async def serve(self, engine: Engine) -> None:
-        """Attach and start `engine`, warm it up, then report SERVING."""
+        """Start `engine`, warm it up, attach the metrics, then report SERVING.
+
+        The warm-up request is not counted in the metrics. If the engine's
+        step thread dies later (`Engine.on_fatal`), health turns NOT_SERVING,
+        new calls get UNAVAILABLE and `failed` is set.
+        """
         self.engine = engine
-        self.metrics.attach(engine)
+        loop = asyncio.get_running_loop()
+        on_fatal: list[Callable[[BaseException], None]] | None = getattr(engine, "on_fatal", None)
+        if on_fatal is not None:
+            on_fatal.append(lambda exc: _call_soon(loop, self._engine_died, exc))
         engine.start()
         await _warm_up(engine)
+        self.metrics.attach(engine)  # after the warm-up: nobody has called yet
         self.service.engine = engine
+        if self.failed.is_set():  # died during the warm-up
+            return
         await self._set_health(SERVING)
         log.info("serving %s", engine.loaded.name)
 
-    async def drain(self) -> None:
-        """Stop taking requests, let running ones finish (grace period), then stop."""
+    async def lame_duck(self) -> None:
+        """NOT_SERVING and UNAVAILABLE for new calls; running ones finish within the grace period.
+
+        Requests still running when the grace period ends are cancelled, each
+        with its terminal event (UNAVAILABLE). The gRPC server keeps
+        answering afterwards (health NOT_SERVING, calls UNAVAILABLE).
+        """
         if self.engine is not None:
             self.engine.stop_accepting()  # first: nothing is admitted once NOT_SERVING shows
         await self._set_health(NOT_SERVING)
+        answering = self.calls.snapshot()
         if self.engine is not None:
+            grace = 0.0 if self.failed.is_set() else self.config.grace_period
             log.info("draining: %d requests in flight", self.engine.num_in_flight)
-            await asyncio.to_thread(self.engine.stop, self.config.grace_period)
-        if self._server is not None:
-            await self._server.stop(grace=2.0)
+            await asyncio.to_thread(self.engine.stop, grace)
+        # Every request has its terminal event; let the calls open at the start send theirs.
+        if not await self.calls.wait_closed(answering, _FLUSH_S):
+            log.warning("calls still open %.0f s after the drain; they end now", _FLUSH_S)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+            self._metrics_http = None
+        log.info("drained")
+
+    async def close(self) -> None:
+        """Stop the gRPC server and release the port (calls arriving meanwhile may be CANCELLED)."""
+        if self._server is not None:
+            await self._server.stop(grace=2.0)
+            self._server = None
         log.info("stopped")
+
+    async def drain(self) -> None:
+        """`lame_duck()`, then `close()`: for in-process use, where the port must be released."""
+        await self.lame_duck()
+        await self.close()
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """On the event loop: the step thread died; stop admitting and report NOT_SERVING."""
+        log.error("the engine's step thread died (%s): NOT_SERVING", exc)
+        if self.engine is not None:
+            self.engine.stop_accepting()
+        self.failed.set()
+        self._health_task = asyncio.ensure_future(self._set_health(NOT_SERVING))
 
     # -- helpers ------------------------------------------------------------------------
     def _options(self) -> list[tuple[str, int]]:
@@ -138,6 +203,9 @@ class TreadleServer:
             ("grpc.max_receive_message_length", self.config.max_request_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
         ]
+        if self.config.max_concurrent_streams:
+            # Calls beyond this on one connection wait in the client until one ends.
+            options.append(("grpc.max_concurrent_streams", self.config.max_concurrent_streams))
         if self.config.max_connection_age:
             # Clients reconnect after this long (streams in progress finish first) and so
             # re-resolve a dns:/// target: new replicas get their share of old clients.
@@ -158,14 +226,28 @@ class TreadleServer:
             return None
         if c.tls_cert is None or c.tls_key is None:
             raise ServerStartError("TLS needs both --tls-cert and --tls-key")
-        try:
-            pair = (c.tls_key.read_bytes(), c.tls_cert.read_bytes())
-            client_ca = c.tls_client_ca.read_bytes() if c.tls_client_ca else None
-        except OSError as exc:
-            raise ServerStartError(f"cannot read a TLS file: {exc}") from exc
+        pair = (
+            _read_pem(c.tls_key, "--tls-key", b"PRIVATE KEY", "a private key"),
+            _read_pem(c.tls_cert, "--tls-cert", b"BEGIN CERTIFICATE", "a certificate"),
+        )
+        client_ca = (
+            _read_pem(c.tls_client_ca, "--tls-client-ca", b"BEGIN CERTIFICATE", "a certificate")
+            if c.tls_client_ca
+            else None
+        )
         return grpc.ssl_server_credentials(
             [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
+
+    def _security(self) -> str:
+        """How callers must connect, for the start-up log line."""
+        c = self.config
+        parts = ["TLS" if c.tls_cert else "plaintext"]
+        if c.tls_client_ca:
+            parts.append("client certificates required")
+        if c.auth_token:
+            parts.append("bearer token required")
+        return ", ".join(parts)
 
     def _start_metrics(self) -> None:
         assert self.config.metrics_port is not None
@@ -178,6 +260,32 @@ class TreadleServer:
             raise ServerStartError(f"cannot serve metrics on {where}: {exc}") from exc
         self._metrics_http = httpd
         self.metrics_port = int(httpd.server_port)
+
+
+def _call_soon(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[BaseException], None], exc: BaseException
+) -> None:
+    """Run `fn(exc)` on `loop` from another thread; nothing if the loop is already closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, exc)
+
+
+def _read_pem(path: Path, flag: str, marker: bytes, what: str) -> bytes:
+    """The PEM file given by `flag`; ServerStartError naming the flag when it is not `what`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ServerStartError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from exc
+    if marker not in data:
+        hint = (
+            " (it holds a private key: are --tls-cert and --tls-key swapped?)"
+            if b"PRIVATE KEY" in data
+            else " (it holds a certificate: are --tls-cert and --tls-key swapped?)"
+            if b"BEGIN CERTIFICATE" in data
+            else ""
+        )
+        raise ServerStartError(f"{flag}: {path} is not {what} in PEM format{hint}")
+    return data
 
 
 async def _warm_up(engine: Engine) -> None:

@@ -102,7 +102,10 @@ def load_model(
     """
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype or default_dtype(dev)
-    folder, name = _resolve(spec)
+    try:
+        folder, name = _resolve(spec)
+    except OSError as exc:  # e.g. a cache folder this user may not read
+        raise ModelNotFoundError(f"model {spec or DEFAULT_MODEL!r} cannot be read: {exc}") from exc
     started = time.monotonic()
     log.info("loading model %s from %s (%s, %s)", name, folder, dev, dt)
     try:
@@ -146,8 +149,7 @@ def _resolve(spec: str | None) -> tuple[str, str]:
 
 def converted_gguf(gguf: Path) -> Path:
     """Return a safetensors folder converted from `gguf`, converting it once if needed."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
+    key = _content_hash(gguf)[:12]
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -178,10 +180,40 @@ def _convert(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _make_readable(tmp)  # the server may run as another user than the converter
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("conversion done in %.1f s", time.monotonic() - started)
+
+
+def _make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644 under `folder` (mkdtemp makes it 0700)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of the file's bytes, remembered in a sidecar keyed by (path, size, mtime)."""
+    stat = path.stat()
+    stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    sidecar = cache_root() / "hashes" / hashlib.sha256(stamp.encode()).hexdigest()
+    with contextlib.suppress(OSError):
+        return sidecar.read_text().strip()
+    log.info("hashing %s (%.0f MB) once", path.name, stat.st_size / 2**20)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(2**22):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache just hashes again next time
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sidecar.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(value)
+        tmp.chmod(0o644)
+        tmp.replace(sidecar)
+    return value
 
 
 @contextlib.contextmanager
