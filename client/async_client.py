@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -25,14 +24,12 @@ from .errors import InvalidArgument, error_from_rpc
 from .limits import RequestLimits
 from .params import GenerationParams
 from .results import ModelInfo, Result
-from .retry import RetryPolicy, with_retries
+from .retry import RetryPolicy
 from .session import AsyncSession
 from .streams import ResponseStream, raise_if_error
 from .validation import ParameterError, check_params
 
 _Response = TypeVar("_Response")
-
-log = logging.getLogger("treadle.client")
 
 
 class AsyncClient:
@@ -48,8 +45,9 @@ class AsyncClient:
     `GenerationParams` and/or its fields as keyword arguments. Parameters are
     checked before anything is sent (InvalidArgument with the server's own
     messages). Errors are typed (see `treadle.client.errors`). `timeout`
-    (seconds) applies per call. Refused calls (UNAVAILABLE, RESOURCE_EXHAUSTED)
-    are retried per `retry` until the first token, never after.
+    (seconds) applies per call, retries included. gRPC retries refused calls
+    (UNAVAILABLE) per `retry`, within a retry budget shared by the client's
+    calls, and only until the first response arrives, never after.
     """
 
     def __init__(
@@ -62,15 +60,18 @@ class AsyncClient:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         limits: RequestLimits | None = None,
-        on_retry: Callable[[int, Exception], None] | None = None,
     ) -> None:
-        self.connection = Connection(target=target, tls=tls, token=token, metadata=tuple(metadata))
+        self.connection = Connection(
+            target=target,
+            tls=tls,
+            token=token,
+            metadata=tuple(metadata),
+            retry=retry or RetryPolicy(),
+        )
         self.timeout = timeout
-        self.retry = retry or RetryPolicy()
         self.limits = limits  # per-request limits to check client-side (model_info() sets them)
-        self.retries = 0  # calls retried so far
-        self.on_retry = on_retry  # called with (failed attempt number, its error) before a retry
         self._channel: grpc.aio.Channel | None = None
+        self._probe: grpc.aio.Channel | None = None  # health checks: a plain channel
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> AsyncClient:
@@ -80,9 +81,14 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        channels, self._channel, self._probe = (self._channel, self._probe), None, None
+        for channel in channels:
+            if channel is not None:
+                await channel.close()
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self.connection.retry
 
     @property
     def stub(self) -> pb_grpc.GenerationStub:
@@ -99,14 +105,14 @@ class AsyncClient:
         timeout: float | None = None,
         **overrides: Any,
     ) -> Result:
-        """Generate a whole answer. Raises a TreadleClientError if the request fails."""
+        """Generate a whole answer.
+
+        Raises a TreadleClientError if the request fails, and Unavailable
+        (retryable) if server shutdown cut it: partial text is never returned
+        as a result.
+        """
         request = self.build_request(prompt, token_ids, params, request_id, overrides)
-        stub = self.stub
-
-        async def attempt() -> pb.GenerateResponse:
-            return await self._unary(stub.Generate, request, timeout)
-
-        result = result_from_proto(await with_retries(self.retry, attempt, self._count_retry))
+        result = result_from_proto(await self._unary(self.stub.Generate, request, timeout))
         raise_if_error(result.finish)
         return result
 
@@ -126,9 +132,7 @@ class AsyncClient:
         return ResponseStream(
             lambda: stub.GenerateStream(
                 request, timeout=self._timeout(timeout), metadata=self._metadata()
-            ),
-            self.retry,
-            self._count_retry,
+            )
         )
 
     def stream_text(self, prompt: Prompt | None = None, **kwargs: Any) -> Any:
@@ -163,8 +167,15 @@ class AsyncClient:
         return list(response.token_ids)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
-        """The server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
-        stub = health_pb2_grpc.HealthStub(self._get_channel())
+        """The server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ...
+
+        Asked over a plain channel of its own (no client-side health checking,
+        no retries), so a loading or draining server answers NOT_SERVING
+        instead of looking unreachable. With several targets, one answers.
+        """
+        if self._probe is None:
+            self._probe = self.connection.aio_channel(probe=True)
+        stub = health_pb2_grpc.HealthStub(self._probe)
         response = await self._unary(
             stub.Check, health_pb2.HealthCheckRequest(service=service), timeout
         )
@@ -194,15 +205,17 @@ class AsyncClient:
         except TypeError as exc:
             raise TypeError(f"unknown generation parameter: {exc}") from None
         if (prompt is None) == (token_ids is None):
-            raise InvalidArgument("input: exactly one of prompt (text or messages) or token_ids")
+            raise InvalidArgument(
+                "input: exactly one of prompt (text or messages) or token_ids", field="input"
+            )
         if isinstance(prompt, str) and not prompt:
-            raise InvalidArgument("prompt: must not be empty")
+            raise InvalidArgument("prompt: must not be empty", field="prompt")
         if prompt is not None and not isinstance(prompt, str) and not prompt:
-            raise InvalidArgument("messages: must not be empty")
+            raise InvalidArgument("chat: must not be empty", field="chat")
         try:
             check_params(p, self.limits)
         except ParameterError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise InvalidArgument(str(exc), field=exc.field) from None
         return request_to_proto(prompt, token_ids, p, request_id)
 
     def _get_channel(self) -> grpc.aio.Channel:
@@ -215,9 +228,3 @@ class AsyncClient:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
-
-    def _count_retry(self, attempt: int, error: Exception) -> None:
-        self.retries += 1
-        log.info("attempt %d refused (%s); retrying", attempt, error)
-        if self.on_retry is not None:
-            self.on_retry(attempt, error)

@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from treadle.scheduler.serve_cli import serve_main
 
         return serve_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):  # gRPC core aborts on one alone
+        parser.error("--tls-cert and --tls-key go together (mutual TLS needs both)")
     from . import commands
 
     verbs: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -79,6 +82,12 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, default=env("TREADLE_TLS_CA"), help="CA certificate")
     p.add_argument("--tls-cert", type=Path, default=env("TREADLE_TLS_CERT"), help="client cert")
     p.add_argument("--tls-key", type=Path, default=env("TREADLE_TLS_KEY"), help="client key")
+    p.add_argument(
+        "--tls-server-name",
+        default=env("TREADLE_TLS_SERVER_NAME"),
+        help="name checked in the server certificate (default: the target's host name, "
+        "the first one's for several targets) [TREADLE_TLS_SERVER_NAME]",
+    )
     p.add_argument("--token-file", type=Path, help="bearer token file (or TREADLE_TOKEN)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per call")
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import os
 import sys
+from typing import Any
 
 from .cli import params_from_args
 from .connection import TlsConfig
 from .convert import Prompt
-from .errors import TreadleClientError
+from .errors import TreadleClientError, Unauthenticated
 from .params import ChatMessage, GenerationParams
-from .results import Finish, TokenChunk
+from .results import Finish, TokenChunk, TokenLogprob
 from .streams import raise_if_error
 from .sync_client import Client
 
@@ -23,8 +25,13 @@ def client_from_args(args: argparse.Namespace) -> Client:
     if args.token_file is not None:
         token = args.token_file.read_text().strip()
     tls = None
-    if args.tls or args.tls_ca or args.tls_cert:
-        tls = TlsConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key)
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
+        tls = TlsConfig(
+            ca_cert=args.tls_ca,
+            client_cert=args.tls_cert,
+            client_key=args.tls_key,
+            server_name=args.tls_server_name,
+        )
     targets = args.target.split(",")
     return Client(
         targets if len(targets) > 1 else args.target, tls=tls, token=token, timeout=args.timeout
@@ -41,20 +48,27 @@ def generate(args: argparse.Namespace) -> int:
             params = params_from_args(args)
             if args.json:
                 result = client.generate(prompt, params=params)
-                print(json.dumps(dataclasses.asdict(result), default=str, indent=2))
+                print(json.dumps(dataclasses.asdict(result), default=_plain, indent=2))
                 return 0
-            _, finish = _print_answer(client, prompt, params)
+            logprobs: list[tuple[str, TokenLogprob]] = []
+            _, finish = _print_answer(client, prompt, params, logprobs)
     except (TreadleClientError, OSError, ValueError) as exc:
         print(f"treadle generate: {exc}", file=sys.stderr)
         return 1
     print(file=sys.stdout, flush=True)
+    _print_logprobs(logprobs)
     _print_finish(finish)
     return 0
 
 
 def chat(args: argparse.Namespace) -> int:
-    """An interactive conversation; Ctrl-C stops the current answer, Ctrl-D leaves."""
+    """An interactive conversation; Ctrl-C stops the current answer, Ctrl-D leaves.
+
+    Exits 1 if any question failed (at once for a refused token: every later
+    question would fail the same way), 0 otherwise.
+    """
     messages = _opening(args.system)
+    failed = False
     try:
         client = client_from_args(args)
         params = params_from_args(args)
@@ -67,7 +81,7 @@ def chat(args: argparse.Namespace) -> int:
                 line = input("> ")
             except EOFError:
                 print(file=sys.stderr)
-                return 0
+                return 1 if failed else 0
             except KeyboardInterrupt:  # at the prompt: a fresh line
                 print(file=sys.stderr)
                 continue
@@ -78,6 +92,9 @@ def chat(args: argparse.Namespace) -> int:
                 answer = _print_chat_answer(client, messages, params)
             except TreadleClientError as exc:
                 print(f"\n[error: {exc}]", file=sys.stderr, flush=True)
+                if isinstance(exc, Unauthenticated):
+                    return 1
+                failed = True
                 messages.pop()
                 continue
             if answer is None:  # cancelled: forget the question
@@ -94,7 +111,8 @@ def info(args: argparse.Namespace) -> int:
         print(f"treadle info: {exc}", file=sys.stderr)
         return 1
     for key, value in dataclasses.asdict(model).items():
-        print(f"{key}: {value}")
+        shown = ", ".join(str(v) for v in value) if isinstance(value, tuple | list) else value
+        print(f"{key}: {shown}")
     return 0
 
 
@@ -115,14 +133,22 @@ def _opening(system: str | None) -> list[ChatMessage]:
 
 
 def _print_answer(
-    client: Client, prompt: Prompt, params: GenerationParams
+    client: Client,
+    prompt: Prompt,
+    params: GenerationParams,
+    logprobs: list[tuple[str, TokenLogprob]] | None = None,
 ) -> tuple[str, Finish | None]:
-    """Stream one answer to stdout; raises the typed error of a request that ends in ERROR."""
+    """Stream one answer to stdout; raises the typed error of a request that ends in ERROR.
+
+    Each token's logprobs (with its chunk's text) are appended to `logprobs`.
+    """
     parts: list[str] = []
     for event in client.stream(prompt, params=params):
         if isinstance(event, TokenChunk):
             parts.append(event.text)
             print(event.text, end="", flush=True)
+            if logprobs is not None:
+                logprobs.extend((event.text, lp) for lp in event.logprobs)
         else:
             raise_if_error(event)
             return "".join(parts), event
@@ -140,6 +166,21 @@ def _print_chat_answer(
         return None
     print(flush=True)
     return answer
+
+
+def _print_logprobs(logprobs: list[tuple[str, TokenLogprob]]) -> None:
+    """One line per generated token on stderr: id, its text (chunk's), logprob, top ones."""
+    for text, lp in logprobs:
+        top = "  ".join(f"{token}:{value:.4f}" for token, value in lp.top)
+        line = f"{lp.token_id:>7} {text!r:<16} {lp.logprob:9.4f}"
+        print(line + (f"  top {top}" if top else ""), file=sys.stderr)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what dataclasses.asdict leaves: enums by their value."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value)
 
 
 def _print_finish(finish: Finish | None) -> None:

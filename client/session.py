@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -12,10 +13,10 @@ import grpc
 from treadle.v1 import treadle_pb2 as pb
 
 from .convert import Prompt, event_from_proto
-from .errors import TreadleClientError, error_from_rpc
+from .errors import Cancelled, InternalError, InvalidArgument, TreadleClientError, error_from_rpc
 from .params import GenerationParams
-from .results import Event, Finish, Result
-from .streams import collect
+from .results import Event, Finish, Result, TokenChunk
+from .streams import raise_if_error
 
 # (prompt, token_ids, params, request_id, overrides) -> a checked wire request
 BuildRequest = Callable[
@@ -23,37 +24,69 @@ BuildRequest = Callable[
     pb.GenerateRequest,
 ]
 
+log = logging.getLogger("treadle.client")
+
 
 class SessionRequest:
-    """One request of a session: an async iterator of its events, `cancel()`, `result()`."""
+    """One request of a session: an async iterator of its events, `cancel()`, `result()`.
+
+    It always ends: with its Finish, or with the error that tore the session
+    down (the server's status, Cancelled for a session cancelled locally,
+    InternalError if the stream ended without this request's Finish).
+    """
 
     def __init__(self, session: AsyncSession, request_id: str) -> None:
         self.request_id = request_id
         self._session = session
         self._queue: asyncio.Queue[Event | TreadleClientError] = asyncio.Queue()
-        self._done = False
+        self._chunks: list[TokenChunk] = []  # every chunk received, for result()
+        self._finish: Finish | None = None
+        self._error: TreadleClientError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._finish is not None or self._error is not None
 
     def __aiter__(self) -> SessionRequest:
         return self
 
     async def __anext__(self) -> Event:
-        if self._done:
+        if self.done:
             raise StopAsyncIteration
         item = await self._queue.get()
         if isinstance(item, TreadleClientError):
-            self._done = True
+            self._error = item
             raise item
         if isinstance(item, Finish):
-            self._done = True
+            self._finish = item
+        else:
+            self._chunks.append(item)
         return item
 
     def cancel(self) -> None:
         """Ask the server to end this request; its Finish (cancelled) still arrives."""
-        if not self._done:
+        if not self.done:
             self._session._send(pb.SessionRequest(cancel=pb.Cancel(request_id=self.request_id)))
 
     async def result(self) -> Result:
-        return await collect(self)
+        """The whole request (events not yet iterated are consumed); may be called again.
+
+        Raises its error (every time) if it failed, was cut by server
+        shutdown (Unavailable) or its session was torn down.
+        """
+        async for _ in self:
+            pass
+        if self._error is not None:
+            raise self._error
+        assert self._finish is not None  # not done means the loop above went on
+        raise_if_error(self._finish)
+        return Result(
+            self.request_id,
+            "".join(c.text for c in self._chunks),
+            tuple(t for c in self._chunks for t in c.token_ids),
+            self._finish,
+            tuple(lp for c in self._chunks for lp in c.logprobs),
+        )
 
     async def aclose(self) -> None:
         """Stop listening; cancels the request if it has not finished."""
@@ -67,7 +100,8 @@ class AsyncSession:
     """`async with client.session() as s:` then `r = s.submit(...)` as often as needed.
 
     Leaving the block half-closes the stream and waits until every request
-    has finished; leaving it by an exception cancels the whole session.
+    has finished; leaving it by an exception cancels the whole session. When
+    the session ends for any reason, every open request ends with an error.
     """
 
     def __init__(
@@ -86,6 +120,7 @@ class AsyncSession:
         self._ids = itertools.count(1)
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
+        self._ended: TreadleClientError | None = None  # what ended the session, once it has
 
     async def __aenter__(self) -> AsyncSession:
         self._call = self._stub.Session(
@@ -112,13 +147,20 @@ class AsyncSession:
     ) -> SessionRequest:
         """Start a request on the session, like `AsyncClient.stream`; returns its handle.
 
-        Raises InvalidArgument (client-side checks) before anything is sent.
+        Raises InvalidArgument (client-side checks, or a `request_id` still
+        open in this session) before anything is sent, and the session's
+        error once it has ended.
         """
+        if self._ended is not None:
+            raise self._ended
         request = self._build(prompt, token_ids, params, request_id, overrides)
         if not request.request_id:
             request.request_id = f"req-{next(self._ids)}"
         if request.request_id in self._open:
-            raise ValueError(f"request_id: {request.request_id!r} is already open in this session")
+            raise InvalidArgument(
+                f"request_id: {request.request_id!r} is already open in this session",
+                field="request_id",
+            )
         handle = SessionRequest(self, request.request_id)
         self._open[request.request_id] = handle
         self._send(pb.SessionRequest(generate=request))
@@ -132,18 +174,38 @@ class AsyncSession:
             yield message
 
     async def _read(self) -> None:
+        ended: TreadleClientError = InternalError(
+            "the session ended before the request finished", grpc.StatusCode.INTERNAL
+        )
         try:
             async for message in self._call:
-                handle = self._open.get(message.request_id)
-                if handle is None:
-                    continue
-                event = event_from_proto(message)
-                handle._put(event)
-                if isinstance(event, Finish):
-                    del self._open[message.request_id]
+                self._deliver(message)
         except grpc.RpcError as exc:
-            error = error_from_rpc(exc)
-            for handle in self._open.values():
-                handle._put(error)
-            self._open.clear()
-            raise error from None
+            ended = error_from_rpc(exc)
+            raise ended from None
+        except asyncio.CancelledError:
+            ended = Cancelled("the session was cancelled", grpc.StatusCode.CANCELLED)
+            self._call.cancel()
+            raise
+        finally:
+            self._end_all(ended)
+
+    def _deliver(self, message: pb.SessionEvent) -> None:
+        kind = message.WhichOneof("event")
+        if kind not in ("token", "finish"):  # e.g. `rejected`: an item this SDK never sends
+            log.warning("session: ignored %s event for %r", kind, message.request_id)
+            return
+        handle = self._open.get(message.request_id)
+        if handle is None:
+            return
+        event = event_from_proto(message)
+        handle._put(event)
+        if isinstance(event, Finish):
+            del self._open[message.request_id]
+
+    def _end_all(self, error: TreadleClientError) -> None:
+        """End every open request with `error`; later submits raise it."""
+        self._ended = error
+        for handle in self._open.values():
+            handle._put(error)
+        self._open.clear()

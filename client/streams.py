@@ -11,9 +11,8 @@ import grpc
 from treadle.v1 import treadle_pb2 as pb
 
 from .convert import event_from_proto
-from .errors import TreadleClientError, error_for, error_from_number, error_from_rpc
+from .errors import TreadleClientError, Unavailable, error_for, error_from_number, error_from_rpc
 from .results import Event, Finish, FinishReason, Result, TokenChunk, TokenLogprob
-from .retry import RetryPolicy, with_retries
 
 OpenCall = Callable[[], Any]  # () -> a grpc.aio UnaryStreamCall of GenerateEvents
 
@@ -23,19 +22,15 @@ class ResponseStream:
 
     Leaving the iteration early (`aclose()`, `cancel()`, `async with` exit,
     the consuming task being cancelled) cancels the request on the server.
-    A refused call is retried per the RetryPolicy until its first event
-    arrives, never after.
+    gRPC retries a refused call (per the client's RetryPolicy) until its
+    first event arrives, never after. The events are what the server sent:
+    a request cut by server shutdown ends with a cancelled Finish whose
+    `error_code` is UNAVAILABLE; `text()` and `result()` raise Unavailable
+    for it.
     """
 
-    def __init__(
-        self,
-        open_call: OpenCall,
-        retry: RetryPolicy,
-        on_retry: Callable[[int, Exception], None] | None = None,
-    ) -> None:
+    def __init__(self, open_call: OpenCall) -> None:
         self._open_call = open_call
-        self._retry = retry
-        self._on_retry = on_retry
         self._call: Any = None
         self._done = False
 
@@ -85,13 +80,8 @@ class ResponseStream:
         return await collect(self)
 
     async def _next_message(self) -> pb.GenerateEvent:
-        if self._call is None:
-            return await with_retries(self._retry, self._open, self._on_retry)
-        return await _read(self._call)
-
-    async def _open(self) -> pb.GenerateEvent:
-        """Start the call (kept at once, so `cancel()` reaches it) and read its first event."""
-        self._call = self._open_call()
+        if self._call is None:  # kept at once, so `cancel()` reaches it
+            self._call = self._open_call()
         return await _read(self._call)
 
 
@@ -106,9 +96,32 @@ async def _read(call: Any) -> pb.GenerateEvent:
     return message
 
 
-def raise_if_error(finish: Finish) -> None:
+UNAVAILABLE_NUMBER = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def finish_error(finish: Finish) -> TreadleClientError | None:
+    """The error a Finish reports: a failed request, or one cut by server shutdown.
+
+    A request the server cancelled because it is shutting down (reason
+    cancelled, code UNAVAILABLE) is not a result: it is Unavailable, which
+    may be retried (on another replica). A cancellation the client asked for
+    is a normal end.
+    """
     if finish.reason is FinishReason.ERROR:
-        raise error_from_number(finish.error_code, finish.error_message)
+        return error_from_number(finish.error_code, finish.error_message)
+    if finish.reason is FinishReason.CANCELLED and finish.error_code == UNAVAILABLE_NUMBER:
+        message = finish.error_message or "server shutting down"
+        return Unavailable(
+            f"{message}: the request was cut after {finish.usage.generated_tokens} tokens",
+            grpc.StatusCode.UNAVAILABLE,
+        )
+    return None
+
+
+def raise_if_error(finish: Finish) -> None:
+    """Raise `finish_error(finish)`, if any."""
+    if (error := finish_error(finish)) is not None:
+        raise error
 
 
 async def collect(events: AsyncIterator[Event] | Awaitable[Any]) -> Result:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from typing import Any, TypeVar
 
 from .async_client import AsyncClient
-from .connection import TlsConfig
+from .connection import Connection, TlsConfig
 from .convert import Prompt
 from .limits import RequestLimits
 from .results import Event, ModelInfo, Result
@@ -60,9 +60,31 @@ class _LoopThread:
                 self.run(close())
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
+        """Finish what is still pending on the loop (gRPC's own tasks too), then stop it.
+
+        Stopping with tasks pending would leave them to be destroyed later
+        ("Task was destroyed but it is pending!").
+        """
+        if self._thread.is_alive():
+            try:
+                self.run(_settle())
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(timeout=10)
         self.loop.close()
+
+
+async def _settle() -> None:
+    """Cancel every other task on the running loop and wait (bounded) for them to end."""
+    for _ in range(3):  # a cancelled task may start another
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=5)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 async def _anext(source: AsyncIterator[T]) -> T:
@@ -91,7 +113,6 @@ class Client:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         limits: RequestLimits | None = None,
-        on_retry: Callable[[int, Exception], None] | None = None,
     ) -> None:
         self._loop = _LoopThread()
         self._async = AsyncClient(
@@ -102,7 +123,6 @@ class Client:
             timeout=timeout,
             retry=retry,
             limits=limits,
-            on_retry=on_retry,
         )
 
         async def open_channel() -> None:  # grpc.aio channels belong to the loop they start on
@@ -117,12 +137,18 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._loop.run(self._async.close())
-        self._loop.stop()
+        """Close the channels and stop the loop thread; closing again does nothing."""
+        if self._loop.loop.is_closed():
+            return
+        try:
+            self._loop.run(self._async.close())
+        finally:
+            self._loop.stop()
 
     @property
-    def retries(self) -> int:
-        return self._async.retries
+    def connection(self) -> Connection:
+        """Where and how this client connects (targets, TLS, retry policy)."""
+        return self._async.connection
 
     def generate(self, prompt: Prompt | None = None, **kwargs: Any) -> Result:
         """Generate a whole answer (same arguments as AsyncClient.generate)."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 
+import grpc
 from e2e.served import Served, start_served
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from helpers import Exploding
+from tls_certs import make_tls
 
 from treadle.client import AsyncClient
 from treadle.scheduler.engine import EngineConfig
@@ -74,8 +79,9 @@ async def test_a_failed_request_fails_the_command(tiny: LoadedModel) -> None:
         code, out, err = await run_cli(served, "generate", "hi", "--plugin", "explode")
         assert code == 1 and "kaboom" in err and out == ""
         code, out, err = await run_cli(served, "chat", "--plugin", "explode", stdin="hi\n")
-        assert code == 0 and "[error: " in err and "kaboom" in err
+        assert code == 1 and "[error: " in err and "kaboom" in err  # a failure fails the chat
         assert out.count("> ") == 2  # the question failed; the chat went on
+        assert "Task was destroyed" not in err and "Traceback" not in err
     finally:
         await served.stop()
 
@@ -89,6 +95,7 @@ async def test_bad_flag_values_are_named_by_argparse(served: Served) -> None:
 async def test_info_and_health(served: Served) -> None:
     code, out, _ = await run_cli(served, "info")
     assert code == 0 and "model: tiny-llama" in out and "max_total_tokens: 256" in out
+    assert "(" not in out and "plugins: " in out  # plain values, no Python tuples
     code, out, _ = await run_cli(served, "health")
     assert code == 0 and out.strip() == "SERVING"
 
@@ -154,3 +161,59 @@ async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
     assert text.count("[stopped]") == 1
     third = text.split("[stopped]")[1].split("> ")[-2]  # the answer after the stop
     assert len(third.strip()) > 20
+
+
+async def test_error_paths_exit_non_zero_without_asyncio_warnings(served: Served) -> None:
+    code, out, err = await run_cli(served, "generate", "x", "--temperature", "-1")
+    assert code == 1 and out == "" and "temperature: must be within" in err
+    code, _, err2 = await run_cli(served, "generate", "x", "--stop", "")
+    assert code == 1 and "stop[0]" in err2
+    for text in (err, err2):
+        assert "Task was destroyed" not in text and "Traceback" not in text
+
+
+async def test_json_and_logprobs_are_readable(served: Served) -> None:
+    code, out, err = await run_cli(served, "generate", "hi", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["finish"]["reason"] == "length"
+    code, out, err = await run_cli(
+        served, "generate", "hi", "--max-new-tokens", "3", "--logprobs", "--top-logprobs", "2"
+    )
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "  top " in line]
+    assert len(lines) == 3 and all(line.count(":") >= 2 for line in lines)
+
+
+async def test_a_client_cert_without_its_key_is_a_usage_error(
+    served: Served, tmp_path: Path
+) -> None:
+    tls = make_tls(tmp_path)
+    (tmp_path / "client.pem").write_bytes(tls.client.cert)
+    ca, cert = str(tmp_path / "ca.pem"), str(tmp_path / "client.pem")
+    code, _, err = await run_cli(served, "health", "--tls-ca", ca, "--tls-cert", cert)
+    assert code == 2 and "--tls-key" in err  # argparse's error, not SIGABRT in gRPC core
+
+
+async def test_health_prints_not_serving() -> None:
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        for service in ("", "treadle.v1.Generation"):  # loading or draining
+            await servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        proc = await asyncio.create_subprocess_exec(
+            *CLI,
+            "health",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "10",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 1 and out.decode().strip() == "NOT_SERVING"
+    finally:
+        await server.stop(None)
