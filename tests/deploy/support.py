@@ -316,7 +316,7 @@ class ServeProcess:
 
     async def listening(self) -> None:
         """Read the bound ports from the log."""
-        found = await self.wait_log(r"listening on [\d.]+:(\d+)(?:.*metrics on :(\d+))?")
+        found = await self.wait_log(r"listening on [\d.]+:(\d+)(?:.*metrics on \S*:(\d+))?")
         self.port = int(found.group(1))
         self.metrics_port = int(found.group(2) or 0)
 
