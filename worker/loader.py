@@ -147,10 +147,14 @@ def _resolve(spec: str | None) -> tuple[str, str]:
     return spec, spec  # a hub id
 
 
+def conversion_target(gguf: Path) -> Path:
+    """Where the converted copy of `gguf` lives: keyed by its name and a hash of its bytes."""
+    return cache_root() / "models" / f"{gguf.stem}-{_content_hash(gguf)[:12]}"
+
+
 def converted_gguf(gguf: Path) -> Path:
     """Return a safetensors folder converted from `gguf`, converting it once if needed."""
-    key = _content_hash(gguf)[:12]
-    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    target = conversion_target(gguf)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
