@@ -42,40 +42,46 @@ def tool(name: str) -> str:
 
 # -- kustomize --------------------------------------------------------------------------------
 
-# What an operator deploys: an overlay, optionally with components switched on as the
-# overlays' own comments say (uncommenting their `components:` lines).
+# What an operator deploys: an overlay, optionally with components switched on the one way
+# docs/deploy.md and the components' comments document: a kustomization of one's own that takes
+# the overlay as its resource and lists the components.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "base": ("base", ()),
     "cpu": ("overlays/cpu", ()),
     "gpu": ("overlays/gpu", ()),
     "cpu+keda+networkpolicy": ("overlays/cpu", ("keda", "networkpolicy")),
     "gpu+keda+networkpolicy": ("overlays/gpu", ("keda", "networkpolicy")),
+    "gpu+keda": ("overlays/gpu", ("keda",)),
 }
 
 
 Rendered = Callable[[str], list[dict[str, Any]]]  # the `rendered` fixture: variant -> manifests
 
 
+def own_kustomization(folder: str, components: tuple[str, ...], at: Path) -> str:
+    """An operator's kustomization.yaml in folder `at`: the overlay as its resource, the
+    components on it (kustomize wants relative paths)."""
+    k8s = os.path.relpath(K8S, at)
+    return yaml.safe_dump(
+        {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [f"{k8s}/{folder}"],
+            "components": [f"{k8s}/components/{c}" for c in components],
+        }
+    )
+
+
 def render_variant(name: str, scratch: Path) -> list[dict[str, Any]]:
-    """`kubectl kustomize` one variant; components are enabled in a scratch copy of deploy/k8s."""
+    """`kubectl kustomize` one variant; components through a kustomization in `scratch`."""
     folder, components = VARIANTS[name]
-    root = K8S
+    root = K8S / folder
     if components:
-        root = scratch / name / "k8s"
-        shutil.copytree(K8S, root)
-        kustomization = root / folder / "kustomization.yaml"
-        text = kustomization.read_text()
-        assert "# components:" in text, f"{folder} has no commented components list"
-        text = text.replace("# components:", "components:")
-        for c in components:
-            line = f"#   - ../../components/{c}"
-            assert line in text, f"{folder} does not offer the {c} component"
-            text = text.replace(line, f"  - ../../components/{c}")
-        for c in {"keda", "networkpolicy"} - set(components):  # leave the others off
-            text = text.replace(f"#   - ../../components/{c}", "")
-        kustomization.write_text(text)
+        root = scratch / name
+        root.mkdir(parents=True)
+        (root / "kustomization.yaml").write_text(own_kustomization(folder, components, root))
     out = subprocess.run(
-        [tool("kubectl"), "kustomize", str(root / folder)],
+        [tool("kubectl"), "kustomize", str(root)],
         capture_output=True,
         text=True,
         timeout=60,

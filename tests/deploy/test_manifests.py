@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from cloudcoil.models.keda import v1alpha1 as keda
 from cloudcoil.models.prometheus_operator import v1 as monitoring
 from deploy.support import (
     DOCKERFILES,
+    K8S,
     REPO,
     VARIANTS,
     Rendered,
@@ -24,6 +28,7 @@ from deploy.support import (
     parse_dockerfile,
     selects,
     server_container,
+    tool,
 )
 
 from treadle.scheduler.serve_cli import add_serve_arguments
@@ -296,3 +301,45 @@ def test_kv_cache_arithmetic_holds_for_the_default_model(
 def _bytes(quantity: str) -> int:
     number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", quantity).groups()  # type: ignore[union-attr]
     return int(number) * {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[unit]
+
+
+def documented_routes() -> dict[str, str]:
+    """Every documented way of switching the keda component on: the YAML in docs/deploy.md and
+    in the component's own comment."""
+    docs = (REPO / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", docs, re.S)
+    routes = {f"docs block {i}": b for i, b in enumerate(blocks) if "components/keda" in b}
+    comment = [
+        line.removeprefix("#").strip()
+        for line in (K8S / "components" / "keda" / "kustomization.yaml").read_text().splitlines()
+        if line.startswith("#   ")
+    ]
+    routes["the component's comment"] = "\n".join(comment)
+    return routes
+
+
+@pytest.mark.parametrize("route", list(documented_routes()))
+def test_each_documented_keda_route_keeps_the_overlays_bounds(
+    route: str, rendered: Rendered, tmp_path: Path
+) -> None:
+    """G8: KEDA on the gpu overlay scales to the GPU overlay's 4 replicas, not the base's 8."""
+    text = documented_routes()[route].replace("<treadle>", os.path.relpath(REPO, tmp_path))
+    own = yaml.safe_load(text)
+    own.setdefault("apiVersion", "kustomize.config.k8s.io/v1beta1")
+    own.setdefault("kind", "Kustomization")
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(own))
+    out = subprocess.run(
+        [tool("kubectl"), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    overlay = own["resources"][0].rsplit("/", 1)[-1]
+    hpa = only(rendered(overlay), "HorizontalPodAutoscaler")["spec"]
+    assert of_kind(docs, "HorizontalPodAutoscaler") == []
+    scaled = only(docs, "ScaledObject")["spec"]
+    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (
+        hpa["minReplicas"],
+        hpa["maxReplicas"],
+    )
+    if overlay == "gpu":
+        assert scaled["maxReplicaCount"] == 4

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import os
-import subprocess
-import sys
+import tempfile
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from e2e.served import Served, greedy, start_served
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tls_certs import make_tls
@@ -152,47 +154,67 @@ def test_the_tokens_per_second_window_is_pruned_as_it_is_written() -> None:
     assert metrics._rate() == pytest.approx(5 * 11 / 10)
 
 
-def test_a_converted_folder_loads_as_another_user(tmp_path: Path, tiny: LoadedModel) -> None:
-    """As the image does: written by root with a strict umask, served by an unprivileged uid."""
+NOBODY = 65534
+
+
+def _load_as_nobody(folder: Path, answer: Connection) -> None:
+    """In a forked child: become uid/gid 65534, load `folder`, send ("ok", name) or
+    ("error", text). Nothing is exec'd, so the interpreter need not be readable by that uid."""
+    try:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        torch.set_num_threads(1)  # no OpenMP pool inherited across the fork
+        from treadle.worker.loader import load_model
+
+        answer.send(("ok", load_model(str(folder), device="cpu").name))
+    except BaseException as e:  # everything goes back to the test, which judges it
+        answer.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        answer.close()
+
+
+def load_as_nobody(folder: Path, timeout: float = 120) -> tuple[str, str]:
+    """Load `folder` in a child forked as uid 65534 (bounded: the child is killed past
+    `timeout`)."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_load_as_nobody, args=(folder, send))
+    child.start()
+    send.close()
+    try:
+        assert receive.poll(timeout), "the child sent nothing in time"
+        result: tuple[str, str] = receive.recv()
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=30)
+        receive.close()
+    return result
+
+
+def test_a_converted_folder_loads_as_another_user(tiny: LoadedModel) -> None:
+    """G1, as the image does: written by root with a strict umask (0700 folder, 0600 files, as
+    the old conversion left them), served by an unprivileged uid: refused until the loader's
+    own permission step runs, then loaded."""
     from treadle.worker.loader import _make_readable
 
     if os.getuid() != 0:
         pytest.skip("needs root to switch users")
-    tmp_path.chmod(0o755)
-    folder = tmp_path / "converted"
-    old = os.umask(0o077)
-    try:
-        folder.mkdir()
-        tiny.model.save_pretrained(folder)
-        tiny.tokenizer.save_pretrained(folder)
-    finally:
-        os.umask(old)
-    load = [
-        sys.executable,
-        "-c",
-        "import sys; from treadle.worker.loader import load_model; "
-        "print(load_model(sys.argv[1], device='cpu').name)",
-        str(folder),
-    ]
-
-    def as_nobody() -> None:
-        os.setgid(65534)
-        os.setuid(65534)
-
-    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            command, capture_output=True, text=True, timeout=120, preexec_fn=as_nobody
-        )
-
-    try:
-        usable = run([sys.executable, "-c", "import treadle.worker.loader"]).returncode == 0
-    except PermissionError:
-        usable = False
-    if not usable:
-        pytest.skip("uid 65534 cannot run this interpreter (a venv under a private folder)")
-    refused = run(load)
-    assert refused.returncode != 0 and "Permission denied" in refused.stderr
-    _make_readable(folder)
-    loaded = run(load)
-    assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.strip() == "converted"
+    # pytest's tmp_path lies under a 0700 folder that uid 65534 cannot cross: use /tmp itself
+    with tempfile.TemporaryDirectory(prefix="treadle-uid-") as scratch:
+        Path(scratch).chmod(0o755)
+        folder = Path(scratch) / "converted"
+        old = os.umask(0o077)
+        try:
+            folder.mkdir()
+            tiny.model.save_pretrained(folder)
+            tiny.tokenizer.save_pretrained(folder)
+        finally:
+            os.umask(old)
+        assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o600}
+        status, detail = load_as_nobody(folder)
+        assert status == "error" and "Permission denied" in detail, detail
+        _make_readable(folder)
+        assert load_as_nobody(folder) == ("ok", "converted")
