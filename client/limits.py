@@ -24,6 +24,7 @@ class RequestLimits:
     max_logit_bias: int = 1024
     max_allowed_token_ids: int = 65536
     max_plugins: int = 8
+    max_plugin_name_bytes: int = 64  # each plugins[i].name, UTF-8 bytes; names are echoed
     max_plugin_args_bytes: int = 16384  # each plugin's args_json, UTF-8 bytes
     max_plugin_args_depth: int = 32  # nesting of arrays and objects in args_json
     max_top_logprobs: int = 20

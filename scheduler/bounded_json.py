@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
 MAX_NUMBER_CHARS = 64  # digits of one JSON number; a longer one is refused, not parsed
 
 
@@ -41,11 +38,26 @@ def loads_bounded(text: str, max_bytes: int, max_depth: int) -> Any:
 
 
 def _nesting(text: str) -> int:
-    """Deepest nesting of [ and { outside strings (an upper bound if the text is malformed)."""
+    """Deepest nesting of [ and { outside strings, in one pass (strings end at an
+    unescaped quote, as JSON's do; an unterminated one hides what follows it, which
+    the parser refuses anyway)."""
     deepest = depth = 0
-    for bracket in _BRACKET.findall(_STRING.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
     return deepest
 
 

@@ -65,6 +65,7 @@ class EventStream:
 
     @property
     def is_cut(self) -> bool:
+        """Whether the request was cut as a slow reader (its finish says SLOW_READER)."""
         return self._cut
 
     @property

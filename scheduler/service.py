@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -27,6 +27,7 @@ import grpc
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
+from ..client.limits import RequestLimits
 from .engine import Engine
 from .errors import (
     DuplicateRequestError,
@@ -34,6 +35,7 @@ from .errors import (
     SessionLimitError,
     TreadleError,
     ValidationError,
+    log_internal_error,
 )
 from .event_stream import EventStream
 from .events import Event, FinishEvent, TokenEvent
@@ -105,7 +107,6 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any) -> pb.ModelInfoResponse:
         engine = await self._engine(context)
-        limits = engine.config.limits
         return pb.ModelInfoResponse(
             model=engine.loaded.name,
             context_length=engine.loaded.context_length,
@@ -113,29 +114,12 @@ class GenerationService(pb_grpc.GenerationServicer):
             vocab_size=engine.loaded.vocab_size,
             eos_token_ids=engine.loaded.eos_token_ids,
             max_batch_rows=engine.scheduler.config.max_rows,
-            default_max_new_tokens=limits.default_max_new_tokens,
-            max_stop_strings=limits.max_stop_strings,
-            max_plugins=limits.max_plugins,
-            max_top_logprobs=limits.max_top_logprobs,
             max_waiting=engine.config.max_waiting,
             max_request_bytes=self.max_request_bytes,
             plugins=engine.plugins.names(),
             has_chat_template=engine.inputs.has_chat_template,
-            max_prompt_chars=engine.factory.max_prompt_chars,
-            max_chat_messages=limits.max_chat_messages,
-            max_request_id_bytes=limits.max_request_id_bytes,
-            max_stop_string_chars=limits.max_stop_string_chars,
-            max_stop_token_ids=limits.max_stop_token_ids,
-            max_bad_words=limits.max_bad_words,
-            max_bad_word_chars=limits.max_bad_word_chars,
-            max_bad_words_tokens=limits.max_bad_words_tokens,
-            max_logit_bias=limits.max_logit_bias,
-            max_allowed_token_ids=limits.max_allowed_token_ids,
-            max_plugin_args_bytes=limits.max_plugin_args_bytes,
-            max_plugin_args_depth=limits.max_plugin_args_depth,
-            max_priority=limits.max_priority,
-            max_session_requests=limits.max_session_requests,
-            max_stream_backlog=limits.max_stream_backlog,
+            max_prompt_chars=engine.factory.max_prompt_chars,  # derived when not set
+            **_reported_limits(engine.config.limits),
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
@@ -151,11 +135,14 @@ class GenerationService(pb_grpc.GenerationServicer):
         if self.engine is None:
             await self._refuse(context, EngineUnavailableError("the model is still loading"))
         assert self.engine is not None
+        if not self.engine.accepting:  # draining, or the engine failed
+            await self._refuse(context, EngineUnavailableError("the server is shutting down"))
         return self.engine
 
     async def submit(self, request: pb.GenerateRequest, context: Any) -> EventStream:
-        """Convert, validate and submit off the event loop; raises TreadleError when the
-        request is refused (anything else is a bug, reported as INTERNAL by the caller)."""
+        """The event stream of `request`, converted, validated and queued off the event loop
+        under the call's deadline; raises TreadleError when it is refused (anything else
+        is a bug, reported as INTERNAL by the caller)."""
         engine = self.engine
         if engine is None:
             raise EngineUnavailableError("the model is still loading")
@@ -163,9 +150,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         deadline = None if remaining is None else max(remaining, 1e-3)
         limits = engine.config.limits
         gen = await asyncio.to_thread(request_from_proto, request, limits, deadline)
-        stream = await engine.open_stream(gen)
-        stream.max_backlog = limits.max_stream_backlog
-        return stream
+        return await engine.open_stream(gen, max_backlog=limits.max_stream_backlog)
 
     async def _open(self, request: pb.GenerateRequest, context: Any) -> tuple[EventStream, str]:
         try:
@@ -186,10 +171,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         if isinstance(exc, TreadleError):
             code, message = status_of(exc), str(exc)
         else:
-            error_id = uuid.uuid4().hex[:16]
-            log.error("refusing a request failed (error id %s)", error_id, exc_info=exc)
             code = grpc.StatusCode.INTERNAL
-            message = f"internal error (error id {error_id}); the details are in the server log"
+            message = log_internal_error(log, "refusing a request failed", exc_info=exc)
         self.metrics.count_error(code.name)
         return code, message, exc.field if isinstance(exc, ValidationError) else None
 
@@ -207,7 +190,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         return finish
 
     def finish_message(self, event: FinishEvent) -> pb.Finish:
-        """The wire Finish of a request; counts errors and cancellations by code."""
+        """The wire Finish of `event`, with the status code of its error or cancellation;
+        counts errors and cancellations by code."""
         code = finish_code(event)
         if code is not grpc.StatusCode.OK:
             self.metrics.count_error(code.name)
@@ -226,9 +210,12 @@ class _Session:
     def __init__(self, service: GenerationService, context: Any) -> None:
         self.service = service
         self.context = context
-        self.out: asyncio.Queue[tuple[str, pb.SessionEvent] | None] = asyncio.Queue()
+        # Events to send, with the stream they came from (None: a refusal); None ends.
+        self.out: asyncio.Queue[tuple[EventStream | None, pb.SessionEvent] | None] = asyncio.Queue()
         self.open: dict[str, EventStream] = {}  # client id -> stream of a running request
-        self.unread: dict[str, int] = {}  # client id -> its token events queued in `out`
+        # Token events of a stream queued in `out`, until its finish is sent. Keyed by
+        # stream, not id: an id may be reused while its old request's events still wait.
+        self.unread: dict[EventStream, int] = {}
         self.pumps: set[asyncio.Task[None]] = set()
 
     async def run(
@@ -237,9 +224,11 @@ class _Session:
         reader = asyncio.ensure_future(self._read(requests))
         try:
             while (item := await self.out.get()) is not None:
-                client_id, event = item
-                if event.HasField("token"):
-                    self.unread[client_id] -= 1
+                stream, event = item
+                if stream is not None and event.HasField("token"):
+                    self.unread[stream] -= 1
+                elif stream is not None and event.HasField("finish"):
+                    del self.unread[stream]  # its last event: nothing of it is queued now
                 yield event
             await reader  # re-raise what ended the reader, if anything
         finally:
@@ -282,7 +271,7 @@ class _Session:
             self._refused(client_id, exc)
             return
         self.open[client_id] = stream
-        self.unread[client_id] = 0
+        self.unread[stream] = 0
         task = asyncio.ensure_future(self._pump(client_id, stream))
         self.pumps.add(task)
         task.add_done_callback(self.pumps.discard)
@@ -299,18 +288,19 @@ class _Session:
                 client_id = ""
             finish = refused_finish(code_number(code), message, field or "")
             event = pb.SessionEvent(request_id=client_id, finish=finish)
-        self.out.put_nowait((client_id, event))
+        self.out.put_nowait((None, event))
 
     async def _pump(self, client_id: str, stream: EventStream) -> None:
         limit = stream.max_backlog
         try:
             async for event in stream:
                 if isinstance(event, TokenEvent):
-                    self.unread[client_id] += 1
-                    if self.unread[client_id] > limit:  # the client is not reading
+                    self.unread[stream] += 1
+                    if self.unread[stream] > limit:  # the client is not reading
+                        self.unread[stream] -= 1  # dropped, not queued
                         stream.cut()
                         continue
-                self.out.put_nowait((client_id, self._event(client_id, event)))
+                self.out.put_nowait((stream, self._event(client_id, event)))
         finally:
             self.open.pop(client_id, None)
 
@@ -318,6 +308,19 @@ class _Session:
         if isinstance(event, TokenEvent):
             return pb.SessionEvent(request_id=client_id, token=chunk_to_proto(event))
         return pb.SessionEvent(request_id=client_id, finish=self.service.finish_message(event))
+
+
+# The RequestLimits fields ModelInfoResponse reports under the same name (the others,
+# e.g. max_prompt_chars, which may be unset and is derived, are filled in by hand).
+_MODEL_INFO_LIMITS = tuple(
+    f.name
+    for f in dataclasses.fields(RequestLimits)
+    if f.name in pb.ModelInfoResponse.DESCRIPTOR.fields_by_name and f.name != "max_prompt_chars"
+)
+
+
+def _reported_limits(limits: RequestLimits) -> dict[str, int]:
+    return {name: getattr(limits, name) for name in _MODEL_INFO_LIMITS}
 
 
 def _tokenize(engine: Engine, request: pb.TokenizeRequest) -> tuple[list[int], list[str]]:

@@ -8,6 +8,9 @@ and UNAVAILABLE (a client may retry those; not the others).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -31,10 +34,12 @@ _BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 # Seconds a client is told to wait before retrying (RetryInfo.retry_delay).
-RETRY_DELAY_S: dict[grpc.StatusCode, float] = {
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 0.5,  # a queue slot frees within a few steps
-    grpc.StatusCode.UNAVAILABLE: 1.0,  # loading or draining: another replica, or later
-}
+RETRY_DELAY_S: Mapping[grpc.StatusCode, float] = MappingProxyType(
+    {
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 0.5,  # a queue slot frees within a few steps
+        grpc.StatusCode.UNAVAILABLE: 1.0,  # loading or draining: another replica, or later
+    }
+)
 
 _BY_CAUSE: dict[Cause, grpc.StatusCode] = {
     Cause.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -81,12 +86,6 @@ def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=code_number(code), message=message, details=details)
     return rpc_status.to_status(status)
-
-
-def status_for_error(exc: BaseException) -> grpc.Status:
-    """The rich status of a refused request (`exc` is a TreadleError)."""
-    field = exc.field if isinstance(exc, ValidationError) else None
-    return rich_status(status_of(exc), str(exc), field)
 
 
 def _packed(message: error_details_pb2.BadRequest | error_details_pb2.RetryInfo) -> any_pb2.Any:

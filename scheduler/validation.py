@@ -214,6 +214,7 @@ class RequestFactory:
     def _plugins(self, gen: GenerationRequest) -> tuple[PluginBinding, ...]:
         bindings = []
         for i, p in enumerate(gen.plugins):
+            _check_bytes(f"plugins[{i}].name", p.name, self.limits.max_plugin_name_bytes)
             try:
                 bindings.append(self.plugins.bind(p.name, p.args, self.plugin_context))
             except PluginArgumentError as exc:
@@ -242,8 +243,10 @@ def check_request_id(request_id: str, limits: RequestLimits) -> None:
     (it is echoed in every event of its request)."""
     if not request_id:
         raise ValidationError("request_id", "must not be empty")
-    size = len(request_id.encode("utf-8", "surrogatepass"))
-    if size > limits.max_request_id_bytes:
-        raise ValidationError(
-            "request_id", f"is {size} bytes; the limit is {limits.max_request_id_bytes}"
-        )
+    _check_bytes("request_id", request_id, limits.max_request_id_bytes)
+
+
+def _check_bytes(field: str, text: str, most: int) -> None:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > most:
+        raise ValidationError(field, f"is {size} bytes; the limit is {most}")

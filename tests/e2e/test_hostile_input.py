@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from treadle.client.limits import RequestLimits
+from treadle.scheduler import service as service_module
 from treadle.scheduler.engine import EngineConfig
 from treadle.scheduler.server import ServerConfig, TreadleServer
 from treadle.v1 import treadle_pb2 as pb
@@ -77,6 +78,25 @@ BAD_FIELDS: list[tuple[str, dict[str, Any]]] = (
         ("logit_bias[3]", {"sampling": pb.SamplingParameters(logit_bias={3: float("inf")})}),
         ("plugins", {"plugins": [pb.Plugin(name="phrase_boost")] * 9}),
         ("plugins[0].name", {"plugins": [pb.Plugin(name="nope")]}),  # G13
+        ("plugins[0].name", {"plugins": [pb.Plugin(name="x" * 200_000)]}),  # once echoed whole
+        ("plugins[0].name", {"plugins": [pb.Plugin(name="é" * 33)]}),  # 66 bytes
+    ]
+    + [  # client values echoed in the message are shown clipped
+        ("plugins[0]", {"plugins": [pb.Plugin(name="phrase_boost", args_json=j)]})
+        for j in ('{"' + "k" * 16_000 + '": 1}', '{"phrases": ["a"], "' + "k" * 16_000 + '": 1}')
+    ]
+    + [
+        (
+            "plugins[0].bias",
+            {
+                "plugins": [
+                    pb.Plugin(
+                        name="phrase_boost",
+                        args_json=json.dumps({"phrases": ["a"], "bias": "b" * 16_000}),
+                    )
+                ]
+            },
+        ),
     ]
     + [  # C4: what once escaped as UNKNOWN with the exception's text
         ("plugins[0].args_json", {"plugins": [pb.Plugin(name="phrase_boost", args_json=j)]})
@@ -117,7 +137,8 @@ async def test_bad_fields_are_invalid_argument_naming_the_field_with_details(
         error = await refused(served.stub, request)
         assert error.code() == INVALID, (field, error.details())
         assert error.details().startswith(f"{field}: "), error.details()
-        assert len(error.details()) < 1000  # never an echo of the hostile input
+        assert len(error.details()) < 600  # never an echo of the hostile input
+        assert details(error).ByteSize() < 1500  # message and details stay small
         assert violation(error).field == field
         assert details(error).message == error.details()
     assert served.engine.num_in_flight == 0  # nothing was queued
@@ -276,6 +297,38 @@ async def test_session_survives_bad_items_and_reports_duplicates_apart(
     assert dup.request_id == "long"
     assert dup.rejected.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
     assert dup.rejected.field == "request_id"
+
+
+async def test_a_long_session_keeps_no_bookkeeping_of_finished_requests(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # C5: per-request state of a Session ends with the request's finish, so a Session
+    # with ever new ids (or an id reused once it finished) does not grow.
+    sessions: list[service_module._Session] = []
+
+    class Recorded(service_module._Session):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            sessions.append(self)
+
+    monkeypatch.setattr(service_module, "_Session", Recorded)
+    ids = [f"id-{i}" for i in range(30)] + ["id-0", "id-0"]
+    outbox: asyncio.Queue[pb.SessionRequest | None] = asyncio.Queue()
+    outbox.put_nowait(pb.SessionRequest(generate=greedy(PROMPT, 2, ids[0])))
+    finished: list[str] = []
+    async for event in session(served.stub, outbox):
+        if event.HasField("finish"):
+            assert event.finish.reason == pb.FINISH_REASON_LENGTH, event
+            finished.append(event.request_id)
+            (live,) = sessions
+            assert len(live.unread) <= 1 and len(live.open) <= 1  # only the next one, if any
+            if len(finished) < len(ids):
+                request = greedy(PROMPT, 2, ids[len(finished)])
+                outbox.put_nowait(pb.SessionRequest(generate=request))
+            else:
+                outbox.put_nowait(None)
+    assert finished == ids
+    assert sessions[0].unread == {} and sessions[0].open == {}
 
 
 async def test_session_caps_requests_in_flight(tiny: LoadedModel) -> None:

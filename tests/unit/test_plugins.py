@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import random
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -253,7 +255,19 @@ def test_adapter_runs_only_on_the_rows_that_enabled_it_with_their_own_tokens() -
     assert torch.equal(out.scores, expected)
 
 
-def test_a_raising_adapter_fails_only_its_own_row() -> None:
+def logged_failure(caplog: pytest.LogCaptureFixture, message: str, plugin: str) -> str:
+    """Check `message` is the generic failure of `plugin` and return the exception text
+    the server log holds under the same error id."""
+    match = re.fullmatch(
+        rf"plugin '{plugin}' failed \(error id ([0-9a-f]{{8}})\); see the server log", message
+    )
+    assert match, message
+    (record,) = [r for r in caplog.records if match.group(1) in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    return str(record.exc_info[1])
+
+
+def test_a_raising_adapter_fails_only_its_own_row(caplog: pytest.LogCaptureFixture) -> None:
     reg = PluginRegistry()
     reg.register("boost_len", BoostLength)
     args = {"bonus": 1.0, "fail_on": 13}
@@ -265,11 +279,13 @@ def test_a_raising_adapter_fails_only_its_own_row() -> None:
     logits = torch.zeros(3, V)
     out = LogitsPipeline(V)(logits, rows)
     assert list(out.errors) == [0]
-    assert "boost_len" in out.errors[0] and "bad last token" in out.errors[0]
+    assert "bad last token" in logged_failure(caplog, out.errors[0], "boost_len")
     assert out.scores[1, 2] == 1.0 and out.scores[2, 0] == 1.0
 
 
-def test_a_raising_plugin_fails_only_the_rows_it_was_called_for() -> None:
+def test_a_raising_plugin_fails_only_the_rows_it_was_called_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     broken, add = Broken(), AddOne()
     rows = [
         make_row([1], [PluginBinding(broken, None)], i=0),
@@ -280,7 +296,8 @@ def test_a_raising_plugin_fails_only_the_rows_it_was_called_for() -> None:
     logits = torch.zeros(4, V)
     out = LogitsPipeline(V)(logits.clone(), rows)
     assert sorted(out.errors) == [0, 2]
-    assert out.errors[0] == "plugin 'broken' failed: RuntimeError: boom"
+    assert logged_failure(caplog, out.errors[0], "broken") == "boom"  # not told the client
+    assert "boom" not in out.errors[0] and "RuntimeError" not in out.errors[0]
     assert torch.equal(out.scores[1], torch.ones(V))
     assert torch.equal(out.scores[3], torch.zeros(V))
     assert torch.equal(out.scores[0], torch.zeros(V))  # the in-place fill did not leak
@@ -325,7 +342,9 @@ def test_plugins_run_after_the_processors_and_before_the_warpers() -> None:
 # ---------------------------------------------------------------- stopping plugins
 
 
-def test_run_stopping_plugins_collects_stops_and_errors_per_row() -> None:
+def test_run_stopping_plugins_collects_stops_and_errors_per_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     stop = EvenStop()
     rows = [
         make_row([1, 2], [PluginBinding(stop, None)], i=0),
@@ -338,7 +357,7 @@ def test_run_stopping_plugins_collects_stops_and_errors_per_row() -> None:
     assert stops == {0} and errors == {}
     stops, errors = run_stopping_plugins(scores, torch.tensor([4, 5, 6, 8]), rows)
     assert stops == set() and sorted(errors) == [0, 1, 3]  # one call for all its rows
-    assert "unlucky" in errors[3]
+    assert "unlucky" in logged_failure(caplog, errors[3], "even_stop")
     assert run_stopping_plugins(
         scores, torch.tensor([1, 2, 3, 4]), [make_row([1], i=i) for i in range(4)]
     ) == (set(), {})

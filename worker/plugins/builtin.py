@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
+from ..error_text import shown
 from ..plan import RowInput
 from .base import LogitsPlugin, PluginArgumentError, PluginContext
 
@@ -100,7 +101,7 @@ class PhraseBoost(LogitsPlugin):
         unknown = sorted(set(args) - {"phrases", "bias"})
         if unknown:
             raise PluginArgumentError(
-                f"{path}: unknown argument {unknown[0]!r} (known: phrases, bias)"
+                f"{path}: unknown argument {shown(unknown[0])} (known: phrases, bias)"
             )
         phrases = args.get("phrases")
         if (
@@ -127,7 +128,8 @@ class PhraseBoost(LogitsPlugin):
             or abs(bias) > MAX_BIAS
         ):
             raise PluginArgumentError(
-                f"{path}.bias: must be a number within [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {bias!r}"
+                f"{path}.bias: must be a number within [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                f"got {shown(bias)}"
             )
         sequences: dict[tuple[int, ...], None] = {}
         for phrase in phrases:

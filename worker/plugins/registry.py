@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from ..error_text import clipped, shown
 from ..plan import RowInput
 from .base import (
     LogitsPlugin,
@@ -31,7 +32,7 @@ from .base import (
     StoppingPlugin,
 )
 from .builtin import ConfidenceStop, PhraseBoost
-from .runner import PluginRowErrors
+from .runner import PluginRowErrors, plugin_failure
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
@@ -64,7 +65,7 @@ class PluginRegistry:
         except KeyError:
             known = ", ".join(self.names()) or "none"
             raise PluginArgumentError(
-                f"plugins[{name}].name: unknown plugin {name!r} (known: {known})"
+                f"plugins[{name}].name: unknown plugin {shown(name)} (known: {known})"
             ) from None
 
     def bind(self, name: str, args: Mapping[str, Any], ctx: PluginContext) -> PluginBinding:
@@ -140,7 +141,7 @@ class LogitsProcessorAdapter(LogitsPlugin):
                     raise TypeError(f"returned {getattr(out, 'shape', type(out))}, not [1, V]")
                 scores[i] = out[0]
             except Exception as exc:
-                errors[i] = f"plugin {self.name!r} failed: {type(exc).__name__}: {exc}"
+                errors[i] = plugin_failure(self.name, exc)
         if errors:
             raise PluginRowErrors(scores, errors)
         return scores
@@ -179,7 +180,7 @@ class StoppingCriteriaAdapter(StoppingPlugin):
                 flags.append(bool(done.any()) if isinstance(done, torch.Tensor) else bool(done))
             except Exception as exc:
                 flags.append(False)
-                errors[i] = f"plugin {self.name!r} failed: {type(exc).__name__}: {exc}"
+                errors[i] = plugin_failure(self.name, exc)
         if errors:
             raise PluginRowErrors(flags, errors)
         return flags
@@ -212,7 +213,7 @@ def _instantiate(name: str, cls: type, args: Mapping[str, Any]) -> object:
     except (TypeError, ValueError) as exc:
         # "Cls.__init__() got an unexpected keyword argument 'x'" -> "got an unexpected ..."
         message = re.sub(r"^[\w.<>]*\(\)\s*", "", str(exc))
-        raise PluginArgumentError(f"plugins[{name}]: {message}") from exc
+        raise PluginArgumentError(f"plugins[{name}]: {clipped(message, 256)}") from exc
 
 
 def _input_ids(token_ids: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Running the plugins each row enabled, once per plugin for all of its rows.
 
-A plugin that raises fails only the rows it was called for; a plugin that
+A plugin that raises fails only the rows it was called for (the exception is
+logged under an error id; the rows' message names the plugin and the id only); a plugin that
 can tell which of its rows failed raises `PluginRowErrors` instead, with
 its result for the others (the adapters of plain transformers classes do).
 Nothing here raises because of a plugin.
@@ -8,15 +9,19 @@ Nothing here raises because of a plugin.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container, Iterator, Sequence
 from typing import TypeVar
 
 import torch
 
+from ..error_text import log_internal_error
 from ..plan import RowInput
 from .base import LogitsPlugin, Plugin, PluginBinding, StoppingPlugin
 
 _P = TypeVar("_P", LogitsPlugin, StoppingPlugin)
+
+log = logging.getLogger("treadle.plugins")
 
 
 class PluginRowErrors(Exception):
@@ -102,7 +107,7 @@ def _call_stopping_plugin(
     except PluginRowErrors as exc:
         flags, failed = exc.result, exc.errors
     except Exception as exc:
-        return set(), {i: _failure(plugin, exc) for i in idx}
+        return set(), dict.fromkeys(idx, _failure(plugin, exc))  # one log entry per call
     if not isinstance(flags, Sequence) or len(flags) != len(idx):
         got = f"{len(flags)} flags" if isinstance(flags, Sequence) else type(flags).__name__
         return set(), {i: f"plugin {plugin.name!r} answered {got} for {len(idx)} rows" for i in idx}
@@ -126,7 +131,7 @@ def _call_logits_plugin(
     except PluginRowErrors as exc:
         out, failed = exc.result, exc.errors
     except Exception as exc:
-        return {i: _failure(plugin, exc) for i in idx}
+        return dict.fromkeys(idx, _failure(plugin, exc))  # one log entry per call
     if not isinstance(out, torch.Tensor) or out.shape != sub.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         message = f"plugin {plugin.name!r} returned {got} instead of scores {tuple(sub.shape)}"
@@ -151,5 +156,13 @@ def _group(
     return list(groups.values())
 
 
+def plugin_failure(name: str, exc: BaseException) -> str:
+    """Log a plugin's exception at ERROR under a fresh error id; return the row's message
+    for the client, which names the plugin and the id only (the exception text may hold
+    anything): "plugin 'x' failed (error id 3f2a9c1b); see the server log"."""
+    what = f"plugin {name!r} failed"
+    return log_internal_error(log, what, exc_info=exc, told=what)
+
+
 def _failure(plugin: Plugin, exc: BaseException) -> str:
-    return f"plugin {plugin.name!r} failed: {type(exc).__name__}: {exc}"
+    return plugin_failure(plugin.name, exc)
