@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.worker import Worker, WorkerConfig
 from .engine_config import EngineConfig
 from .errors import DuplicateRequestError, EngineUnavailableError, QueueFullError
-from .event_stream import EventStream
+from .event_stream import DEFAULT_BACKLOG, EventStream
 from .events import CANCELLED, SHUTTING_DOWN, Ending, Event, FinishEvent, FinishReason
 from .generation_request import GenerationRequest
 from .inputs import InputProcessor
@@ -84,6 +85,7 @@ class Engine:
                 max_seq_len=self.worker.max_seq_len,
                 prefill_token_budget=config.prefill_token_budget,
                 prefix_cache_rows=config.prefix_cache_rows,
+                priority_step_s=config.priority_step_s,
             )
         )
         self.plugins = plugins or default_registry()
@@ -104,6 +106,9 @@ class Engine:
         self._changed = threading.Condition(self._lock)  # the registry emptied or delivery ended
         self._in_flight: dict[str, Request] = {}  # accepted, terminal event not produced yet
         self._delivering = False  # the step thread is handing out events of finished requests
+        # Events taken from the scheduler and not handed to their sinks yet (step thread
+        # only): kept here, not in a local, so that `_die` still delivers them.
+        self._undelivered: deque[tuple[Request, list[Event]]] = deque()
         self._accepting = False
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -159,6 +164,11 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------
     @property
+    def accepting(self) -> bool:
+        """Whether `submit` takes new requests (False before `start`, and once stopping)."""
+        return self._accepting
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
@@ -198,26 +208,28 @@ class Engine:
         self._inbox.put(_Abort(request_id, ending))
         self._wake.set()
 
-    def stream(self, gen: GenerationRequest) -> EventStream:
-        """Submit `gen` and return the async iterator of its events (call on the event loop)."""
-        loop = asyncio.get_running_loop()
-        request_id = gen.request_id or uuid.uuid4().hex
-        stream = EventStream(request_id, loop, self.abort)
-        gen_with_id = gen if gen.request_id else _with_id(gen, request_id)
+    def stream(self, gen: GenerationRequest, max_backlog: int | None = None) -> EventStream:
+        """Submit `gen` and return the async iterator of its events (call on the event loop).
+
+        `max_backlog`: unread deliveries before the request is cut as a slow
+        reader (`EventStream`); None: the default, `DEFAULT_BACKLOG`.
+        """
+        stream, gen_with_id = self._new_stream(gen, max_backlog)
         self.submit(gen_with_id, stream.deliver)
         return stream
 
-    async def open_stream(self, gen: GenerationRequest) -> EventStream:
+    async def open_stream(
+        self, gen: GenerationRequest, max_backlog: int | None = None
+    ) -> EventStream:
         """Like `stream`, but validation, chat rendering and tokenizing run off the event loop.
 
         Raises what `submit` raises; nothing is queued then. If the caller is
         cancelled while the request is being built, the request is aborted as
-        soon as it is queued: nothing runs with nobody reading.
+        soon as it is queued: nothing runs with nobody reading. `max_backlog`
+        is in force from the first event on (see `stream`).
         """
-        loop = asyncio.get_running_loop()
-        request_id = gen.request_id or uuid.uuid4().hex
-        stream = EventStream(request_id, loop, self.abort)
-        gen_with_id = gen if gen.request_id else _with_id(gen, request_id)
+        stream, gen_with_id = self._new_stream(gen, max_backlog)
+        request_id = stream.request_id
         abandoned = threading.Event()
 
         def submit() -> None:
@@ -232,6 +244,15 @@ class Engine:
             self.abort(request_id)
             raise
         return stream
+
+    def _new_stream(
+        self, gen: GenerationRequest, max_backlog: int | None
+    ) -> tuple[EventStream, GenerationRequest]:
+        """The stream for `gen` on the running loop, and `gen` with its request id set."""
+        request_id = gen.request_id or uuid.uuid4().hex
+        backlog = DEFAULT_BACKLOG if max_backlog is None else max_backlog
+        stream = EventStream(request_id, asyncio.get_running_loop(), self.abort, backlog)
+        return stream, gen if gen.request_id else _with_id(gen, request_id)
 
     async def generate(self, gen: GenerationRequest) -> AsyncIterator[Event]:
         """Yield the request's events until its terminal one; leaving early aborts it."""
@@ -296,9 +317,10 @@ class Engine:
             except Exception:  # validation should have caught it; end it cleanly
                 message = internal_error(f"queueing {msg.request_id} failed")
                 finish = msg.finish(FinishReason.ERROR, time.monotonic(), message=message)
+                self._undelivered.append((msg, [finish]))
                 self._forget([msg.request_id], delivering=True)
                 try:
-                    self._deliver([(msg, [finish])])
+                    self._deliver()
                 finally:
                     self._done_delivering()
 
@@ -335,6 +357,7 @@ class Engine:
     ) -> None:
         """Hand the scheduler's events out: registry first, then observers, then clients."""
         outbox = self.scheduler.take_events()
+        self._undelivered.extend(outbox)
         finished = [events[-1] for _, events in outbox if isinstance(events[-1], FinishEvent)]
         self._forget([e.request_id for e in finished], delivering=True)
         stats = StepStats(
@@ -357,7 +380,7 @@ class Engine:
                     observe(stats)
                 except Exception:
                     log.exception("a step observer failed")
-            self._deliver(outbox)
+            self._deliver()
         finally:
             self._done_delivering()
 
@@ -375,35 +398,48 @@ class Engine:
             self._delivering = False
             self._changed.notify_all()
 
-    def _deliver(self, outbox: list[tuple[Request, list[Event]]]) -> None:
-        for req, events in outbox:
+    def _deliver(self, survive: type[BaseException] = Exception) -> None:
+        """Hand the undelivered events to their sinks, oldest first.
+
+        An entry leaves `_undelivered` once its sink returned or raised `survive`
+        (logged: a broken consumer must not stop the loop); if anything else
+        escapes, the entry and those after it stay for `_die` to deliver.
+        """
+        while self._undelivered:
+            req, events = self._undelivered[0]
             try:
                 req.sink(events)
-            except Exception:  # a broken consumer must not stop the loop
+            except survive:
                 log.exception("delivering events of %s failed", req.request_id)
+            self._undelivered.popleft()
 
     def _die(self, exc: BaseException) -> None:
         """The step thread is ending on an error nothing recovered from.
 
-        Stops accepting, delivers the events already produced, ends every other
-        request in flight with one ERROR event, then calls the `on_fatal` listeners.
+        Stops accepting, delivers the events already produced (those taken from
+        the scheduler but not delivered when the thread died included: their
+        requests may have left the registry already), ends every other request
+        in flight with one ERROR event, then calls the `on_fatal` listeners.
         """
         message = internal_error("the step thread died; ending every request in flight")
         log.critical("the engine stopped serving: %s", message)
         with self._changed:
             self._accepting = False
             self._delivering = True
-            in_flight = dict(self._in_flight)
-        try:
-            outbox = self.scheduler.take_events()
-        except BaseException:
-            outbox = []
-        self._deliver(outbox)
-        ended = {req.request_id for req, events in outbox if isinstance(events[-1], FinishEvent)}
+            in_flight = list(self._in_flight.values())
+        with contextlib.suppress(BaseException):
+            self._undelivered.extend(self.scheduler.take_events())
+        # by identity: an id whose finish is undelivered may be in flight again (reused)
+        ended = {
+            id(req) for req, events in self._undelivered if isinstance(events[-1], FinishEvent)
+        }
         now = time.monotonic()
-        for request_id, req in in_flight.items():
-            if request_id not in ended:
-                self._deliver([(req, [req.finish(FinishReason.ERROR, now, message=message)])])
+        for req in in_flight:
+            if id(req) not in ended:
+                self._undelivered.append(
+                    (req, [req.finish(FinishReason.ERROR, now, message=message)])
+                )
+        self._deliver(survive=BaseException)
         with self._changed:
             self._in_flight.clear()
             self._delivering = False

@@ -2,7 +2,11 @@
 
 Scheduling model
 ----------------
-Requests wait in a queue ordered by priority (larger first), then arrival.
+Requests wait in a queue ordered by virtual arrival, `arrival - priority *
+priority_step_s` (earliest first): a larger priority goes first among requests
+that arrived close together, and every `priority_step_s` seconds of waiting
+count as one priority step, so no flood of higher-priority requests starves a
+lower one for ever (`waiting_queue.py`).
 Each running request holds one KV row from its prefill to its end; running
 rows are always rows 0..n-1 (the worker's slot layout).
 
@@ -37,12 +41,13 @@ from __future__ import annotations
 
 import heapq
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..worker.plan import RowInput, RowMove, RowOutput, StepOutput, StepPlan
+from .engine_config import DEFAULT_PRIORITY_STEP_S
+from .errors import log_internal_error
 from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event, FinishReason
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
@@ -59,14 +64,9 @@ class InvariantError(AssertionError):
 
 
 def internal_error(what: str) -> str:
-    """Log the exception being handled under a fresh error id; return the client's message.
-
-    Clients only ever see "internal error (error id 3f2a9c1b); see the server
-    log"; the exception and `what` go to the server log with the same id.
-    """
-    error_id = secrets.token_hex(4)
-    log.error("%s (error id %s)", what, error_id, exc_info=True)
-    return f"internal error (error id {error_id}); see the server log"
+    """Log the exception being handled under a fresh error id; return the client's
+    message (`errors.log_internal_error` on the scheduler's log)."""
+    return log_internal_error(log, what)
 
 
 def require(condition: bool, message: str) -> None:
@@ -82,6 +82,7 @@ class SchedulerConfig:
     prefill_token_budget: int = 512  # prompt tokens admitted per step (soft, see above)
     prefix_cache_rows: int = 4  # spare KV rows (after max_rows) caching recent prompts; 0 = off
     prefix_min_tokens: int = 8  # shortest shared prefix worth copying
+    priority_step_s: float = DEFAULT_PRIORITY_STEP_S  # seconds of waiting worth one priority step
 
 
 @dataclass(slots=True)
@@ -106,7 +107,7 @@ class Scheduler:
         self.config = config
         self.clock = clock
         self.rows = RowTable(config.max_rows)
-        self.waiting = WaitingQueue()
+        self.waiting = WaitingQueue(self.config.priority_step_s)
         self.prefix = PrefixCache(
             config.max_rows, config.prefix_cache_rows, config.prefix_min_tokens
         )
@@ -251,7 +252,7 @@ class Scheduler:
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
         self._by_id.clear()
         self.rows = RowTable(self.config.max_rows)
-        self.waiting = WaitingQueue()
+        self.waiting = WaitingQueue(self.config.priority_step_s)
         self._to_cancel.clear()
         self._deadlines.clear()
         self._pending_moves = []

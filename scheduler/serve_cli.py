@@ -72,6 +72,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             engine.prefix_cache_rows,
             "spare KV rows caching recent prompts for prefix reuse; 0 = off",
         ),
+        (
+            "--priority-step",
+            float,
+            engine.priority_step_s,
+            "seconds of waiting worth one request priority step: a waiting request "
+            "overtakes one that arrived N x this later with N more priority (no starvation)",
+        ),
         ("--host", str, "0.0.0.0", "address to listen on"),
         ("--port", int, 50051, "gRPC port; 0 picks a free one"),
         (

@@ -1,11 +1,22 @@
-"""The waiting queue: higher priority first, then arrival order."""
+"""The waiting queue: earliest virtual arrival first, where priority buys a head start.
+
+A request's place is `arrival - priority * priority_step_s`: one priority
+step is worth `priority_step_s` seconds of waiting. Equivalently, its
+effective priority grows by one every `priority_step_s` seconds it waits
+(`now` cancels out, so a static heap key is exact). Among requests arriving
+close together, higher priority goes first; a flood at priority +10 keeps a
+priority-0 request waiting at most `10 * priority_step_s` seconds (ageing:
+nothing starves).
+"""
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Iterator
 
+from .engine_config import DEFAULT_PRIORITY_STEP_S
 from .request import Request
 
 _STALE_SLACK = 16  # removed entries tolerated in the heap beyond the live ones
@@ -20,8 +31,11 @@ class WaitingQueue:
     requests (amortised O(1) per removal).
     """
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, int, Request]] = []
+    def __init__(self, priority_step_s: float = DEFAULT_PRIORITY_STEP_S) -> None:
+        if not (0 < priority_step_s < math.inf):
+            raise ValueError(f"priority_step_s: must be a positive number, got {priority_step_s}")
+        self.priority_step_s = priority_step_s
+        self._heap: list[tuple[float, int, Request]] = []  # (virtual arrival, order, request)
         self._order = itertools.count()
         self._live: set[Request] = set()  # by identity: an id may come back after a cancel
 
@@ -33,7 +47,9 @@ class WaitingQueue:
         return iter(list(self._live))
 
     def push(self, req: Request) -> None:
-        heapq.heappush(self._heap, (-req.priority, next(self._order), req))
+        """Queue `req` at its virtual arrival (ties: in push order)."""
+        key = req.arrival - req.priority * self.priority_step_s
+        heapq.heappush(self._heap, (key, next(self._order), req))
         self._live.add(req)
 
     def peek(self) -> Request | None:

@@ -234,7 +234,8 @@ def test_a_failing_plugin_ends_only_its_request(tiny: LoadedModel) -> None:
     )
     got = drive(engine, [(0, good), (2, bad)])
     assert got["bad"].finish.reason is FinishReason.ERROR
-    assert "kaboom" in (got["bad"].finish.message or "")
+    message = got["bad"].finish.message or ""  # generic: the plugin's name and an error id
+    assert "explode" in message and "error id" in message and "kaboom" not in message
     assert got["good"].finish.reason is FinishReason.LENGTH
     assert got["good"].tokens == reference_greedy(tiny.model, good.prompt_token_ids or [], 10, None)
 
@@ -415,3 +416,35 @@ def test_open_stream_cancelled_while_building_aborts_the_request(tiny: LoadedMod
     finally:
         engine.stop()
     assert finishes == [FinishReason.CANCELLED]  # aborted, not run to its 120 tokens
+
+
+@pytest.mark.parametrize("opener", ["stream", "open_stream"])
+def test_max_backlog_given_at_creation_holds_from_the_first_event(
+    tiny: LoadedModel, opener: str
+) -> None:
+    import asyncio
+
+    from treadle.scheduler.events import Cause, Event
+
+    engine = tiny_engine(tiny)
+    gen = GenerationRequest(prompt_token_ids=[5, 6], max_new_tokens=120, ignore_eos=True)
+
+    async def scenario() -> list[Event]:
+        if opener == "stream":
+            stream = engine.stream(gen, max_backlog=1)
+        else:
+            stream = await engine.open_stream(gen, max_backlog=1)
+        assert stream.max_backlog == 1
+        # nobody reads until the engine is idle: the second unread step cuts the request
+        assert await asyncio.to_thread(engine.wait_until_idle, 30)
+        return [event async for event in stream]
+
+    engine.start()
+    try:
+        events = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    got = Collected(events)
+    assert got.finish.reason is FinishReason.CANCELLED
+    assert got.finish.cause is Cause.SLOW_READER
+    assert got.tokens == []  # token events are dropped once a request is cut

@@ -138,6 +138,49 @@ def test_priority_then_arrival_order(h: Harness) -> None:
     assert admitted == ["high", "mid", "low", "low2"]
 
 
+def test_priority_is_worth_priority_step_s_seconds_of_waiting(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_rows=1, max_seq_len=64, priority_step_s=1.0)
+    h.add("busy", [5, 5, 5], max_new=3)
+    assert [r.key for r in h.step().prefill] == ["busy"]  # it holds the only row meanwhile
+    h.add("early", [5], max_new=1, priority=0)
+    h.clock.now += 0.5  # less than one step later: one more priority overtakes
+    h.add("close", [5], max_new=1, priority=1)
+    h.clock.now += 1.0  # 1.5 steps after "early": one more priority is not enough
+    h.add("late", [5], max_new=1, priority=1)
+    admitted = []
+    for _ in range(6):
+        admitted += [r.key for r in h.step().prefill]
+    assert admitted == ["close", "early", "late"]
+
+
+def test_a_flood_at_the_highest_priority_cannot_starve_a_priority_0_request(
+    tokenizer: Any,
+) -> None:
+    step_s = 0.1
+    h = Harness(tokenizer, max_rows=1, max_seq_len=64, priority_step_s=step_s)
+    low = h.add("low", [5], max_new=1, priority=0)
+    flood: dict[str, Request] = {}
+    admitted: list[str] = []
+    for i in range(1000):  # bounded: without ageing "low" would never run
+        rid = f"flood{i}"  # one more each step: as fast as one row serves them
+        flood[rid] = h.add(rid, [5], max_new=1, priority=10)
+        admitted += [r.key for r in h.step().prefill]
+        if "low" in admitted:
+            break
+    assert "low" in admitted
+    assert low.admitted_at is not None
+    assert low.admitted_at - low.arrival <= 10 * step_s + 0.01 + 1e-9  # one step of slack
+    ahead = [flood[rid] for rid in admitted[: admitted.index("low")]]
+    assert len(ahead) >= 90  # priority still counts: the flood went first for ~10 steps' worth
+    assert all(r.arrival - low.arrival <= 10 * step_s + 1e-9 for r in ahead)
+
+
+def test_priority_step_must_be_positive(tokenizer: Any) -> None:
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="priority_step_s"):
+            Harness(tokenizer, priority_step_s=bad)
+
+
 def test_prefill_budget_limits_admissions_but_never_starves(tokenizer: Any) -> None:
     h = Harness(tokenizer, max_rows=8, max_seq_len=64, prefill_token_budget=10)
     h.add("big", [1, 1], prompt_len=30, max_new=2)  # over the budget on its own

@@ -19,6 +19,7 @@ from step_faults import GENERIC_ERROR, CheckedEngine, Fatal, break_part, fail_on
 from treadle.scheduler.errors import EngineUnavailableError
 from treadle.scheduler.events import FinishReason
 from treadle.scheduler.generation_request import GenerationRequest
+from treadle.scheduler.step_stats import StepStats
 from treadle.worker.loader import LoadedModel
 
 
@@ -211,4 +212,35 @@ def test_when_the_step_thread_dies_every_request_ends_once_and_listeners_are_tol
     finally:
         engine.stop(timeout=10)
     assert any(r.levelno == logging.CRITICAL for r in caplog.records)
+    assert checked.violations == []
+
+
+def test_a_fatal_error_between_forgetting_and_delivering_still_delivers_the_finish(
+    tiny: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step's finished requests leave the registry before their events go out; if the
+    step thread dies in between (here: a step observer), their events still arrive."""
+    caplog.set_level(logging.ERROR)
+    checked = CheckedEngine(tiny, max_batch_rows=2)
+    engine = checked.engine
+
+    def fatal_on_a_finish(stats: StepStats) -> None:
+        if stats.finished:
+            raise Fatal("observer died")
+
+    engine.step_observers.append(fatal_on_a_finish)
+    died = threading.Event()
+    engine.on_fatal.append(lambda exc: died.set())
+    engine.start()
+    try:
+        checked.submit_together([gen("short", prompt(1), 2), gen("long", prompt(2), 8)])
+        assert died.wait(60)
+        got = checked.wait()
+        assert got["short"].finish.reason is FinishReason.LENGTH  # its own, exactly once
+        assert got["short"].tokens == reference_greedy(tiny.model, prompt(1), 2, None)
+        assert got["long"].finish.reason is FinishReason.ERROR
+        assert len(got["long"].tokens) == 2  # the step's token events came first
+        assert engine.num_in_flight == 0
+    finally:
+        engine.stop(timeout=10)
     assert checked.violations == []
