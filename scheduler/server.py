@@ -48,7 +48,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-_FLUSH_S = 5.0  # after the engine drained: the longest wait for calls to send their last answer
+_FLUSH_S = 5.0  # after the engine drained: the least wait for open calls to send their last answer
 
 
 class ServerStartError(RuntimeError):
@@ -157,20 +157,27 @@ class TreadleServer:
         """NOT_SERVING and UNAVAILABLE for new calls; running ones finish within the grace period.
 
         Requests still running when the grace period ends are cancelled, each
-        with its terminal event (UNAVAILABLE). The gRPC server keeps
-        answering afterwards (health NOT_SERVING, calls UNAVAILABLE).
+        with its terminal event (UNAVAILABLE). Then it waits for the calls
+        that were open when it began (e.g. a Session with nothing running) to
+        end: until the grace period ends, and at least 5 s after the engine
+        stopped. The gRPC server keeps answering afterwards (health
+        NOT_SERVING, calls UNAVAILABLE).
         """
         if self.engine is not None:
             self.engine.stop_accepting()  # first: nothing is admitted once NOT_SERVING shows
         await self._set_health(NOT_SERVING)
         answering = self.calls.snapshot()
+        grace = 0.0 if self.failed.is_set() else self.config.grace_period
+        loop = asyncio.get_running_loop()
+        grace_ends = loop.time() + grace
         if self.engine is not None:
-            grace = 0.0 if self.failed.is_set() else self.config.grace_period
             log.info("draining: %d requests in flight", self.engine.num_in_flight)
             await asyncio.to_thread(self.engine.stop, grace)
-        # Every request has its terminal event; let the calls open at the start send theirs.
-        if not await self.calls.wait_closed(answering, _FLUSH_S):
-            log.warning("calls still open %.0f s after the drain; they end now", _FLUSH_S)
+        # Every request has its terminal event; the calls open at the start (a Session, say)
+        # may go on until the grace period ends, and get at least _FLUSH_S to send their last.
+        flush = max(_FLUSH_S, grace_ends - loop.time())
+        if not await self.calls.wait_closed(answering, flush):
+            log.warning("calls still open %.0f s after the drain; they end now", flush)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -1,35 +1,35 @@
-"""`treadle serve` as a process: it starts, becomes SERVING, and drains on SIGTERM."""
+"""`treadle serve` as a process: start failures and exit codes; helpers to run it."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import re
-import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from e2e.served import greedy, read_rest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import make_tiny_model
-
-from treadle.v1 import treadle_pb2 as pb
-from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
 PROMPT = [101, 2045, 3310, 77, 19]
 
 
+def save_tiny_model(folder: Path, tokenizer: Any) -> Path:
+    """Save a tiny random model with `tokenizer` as a model folder `folder`; return it."""
+    loaded = make_tiny_model(tokenizer)
+    loaded.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path, tokenizer: Any) -> Path:
-    loaded = make_tiny_model(tokenizer)
-    loaded.model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
+    return save_tiny_model(tmp_path / "tiny", tokenizer)
 
 
 SERVE = [sys.executable, "-m", "treadle.client.cli", "serve"]
@@ -41,65 +41,75 @@ def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, int]:
-    """Start `treadle serve`; return it and its gRPC port, read from its log."""
+@dataclass
+class ServeProcess:
+    """A running `treadle serve` process; its log is read on as it is written."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    log: list[str]  # the lines of its stderr read so far
+    reader: asyncio.Task[None]  # reads the rest of stderr, so the pipe never fills
+
+    async def exit_code(self, timeout: float = 60) -> int:
+        """Wait (bounded) until the process has ended; its exit code."""
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await self.reader
+        return code
+
+    async def kill(self) -> None:
+        """End the process if it still runs (test clean-up)."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.reader.cancel()
+
+
+async def start_process(
+    *args: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+) -> ServeProcess:
+    """Start `treadle serve` with `env` added to its environment and `pass_fds` inherited;
+    return once its log says where it listens."""
     proc = await asyncio.create_subprocess_exec(
         *SERVE,
         *args,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        pass_fds=pass_fds,
     )
-    assert proc.stderr is not None
-    async with asyncio.timeout(120):
-        while line := (await proc.stderr.readline()).decode():
-            if found := re.search(r"listening on [\d.]+:(\d+)", line):
-                return proc, int(found.group(1))
-    raise AssertionError("the server never said where it listens")
-
-
-async def wait_serving(channel: grpc.aio.Channel) -> None:
-    """Follow the health Watch stream until SERVING (no polling)."""
-    health = health_pb2_grpc.HealthStub(channel)
-    async with asyncio.timeout(120):
-        async for update in health.Watch(health_pb2.HealthCheckRequest(service="")):
-            if update.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-
-
-async def test_sigterm_lets_requests_in_flight_finish_and_exits_0(tiny_model_dir: Path) -> None:
-    proc, port = await start_process(
-        "--model",
-        str(tiny_model_dir),
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--host",
-        "127.0.0.1",
-        "--grace-period",
-        "60",
-    )
+    stderr = proc.stderr
+    assert stderr is not None
+    log: list[str] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await wait_serving(channel)
-            stub = pb_grpc.GenerationStub(channel)
-            calls = [stub.GenerateStream(greedy(PROMPT, 60)) for _ in range(3)]
-            for call in calls:
-                assert (await call.read()).HasField("token")  # all three are running
-            proc.send_signal(signal.SIGTERM)
-            for call in calls:
-                events = await read_rest(call)
-                assert events[-1].finish.reason == pb.FINISH_REASON_LENGTH
-                assert events[-1].finish.usage.generated_tokens == 60
-            with pytest.raises(grpc.aio.AioRpcError) as info:  # draining: no new work
-                await stub.Generate(greedy(PROMPT, 2), timeout=10)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        async with asyncio.timeout(60):
-            assert await proc.wait() == 0
+        async with asyncio.timeout(120):
+            while line := (await stderr.readline()).decode():
+                log.append(line)
+                if found := re.search(r"listening on [\d.]+:(\d+)", line):
+                    break
+            else:
+                raise AssertionError(f"the server never said where it listens: {log}")
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+
+    async def read_on() -> None:
+        while line := (await stderr.readline()).decode():
+            log.append(line)
+
+    return ServeProcess(proc, int(found.group(1)), log, asyncio.ensure_future(read_on()))
+
+
+async def wait_health(channel: grpc.aio.Channel, status: int) -> None:
+    """Follow the health Watch stream until it reports `status` (no polling)."""
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    try:
+        async with asyncio.timeout(120):
+            async for update in watch:
+                if update.status == status:
+                    return
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        watch.cancel()  # an open call would hold up a drain (it waits for the calls open)
 
 
 async def test_port_taken_and_missing_model_give_clear_errors(tmp_path: Path) -> None:
@@ -115,66 +125,6 @@ async def test_port_taken_and_missing_model_give_clear_errors(tmp_path: Path) ->
     missing = run_serve("--port", "0", "--model", str(tmp_path / "nowhere"))
     assert missing.returncode == 1
     assert "neither a model folder nor a .gguf file" in missing.stderr
-
-
-async def test_sigterm_answers_every_new_call_unavailable_until_the_process_exits(
-    tiny_model_dir: Path,
-) -> None:
-    """Lame duck: from SIGTERM to exit every new call gets UNAVAILABLE, never CANCELLED."""
-    proc, port = await start_process(
-        "--model",
-        str(tiny_model_dir),
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--host",
-        "127.0.0.1",
-        "--grace-period",
-        "60",
-    )
-    codes: collections.Counter[str] = collections.Counter()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await wait_serving(channel)
-            stub = pb_grpc.GenerationStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
-            running = stub.GenerateStream(greedy(PROMPT, 200))
-            assert (await running.read()).HasField("token")
-            rest = asyncio.ensure_future(read_rest(running))
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(60):
-                await asyncio.gather(*(keep_calling(proc, stub, health, codes) for _ in range(8)))
-                events = await rest
-                assert await proc.wait() == 0
-        print(codes)
-        assert events[-1].finish.reason == pb.FINISH_REASON_LENGTH
-        assert set(codes) <= {"UNAVAILABLE", "health NOT_SERVING", "health UNAVAILABLE"}, codes
-        assert codes["UNAVAILABLE"] > 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def keep_calling(
-    proc: asyncio.subprocess.Process,
-    stub: pb_grpc.GenerationStub,
-    health: health_pb2_grpc.HealthStub,
-    codes: collections.Counter[str],
-) -> None:
-    """Send Generate and health calls one after another until `proc` has exited."""
-    while proc.returncode is None:
-        try:
-            await stub.Generate(greedy(PROMPT, 2), timeout=10)
-            codes["OK"] += 1
-        except grpc.aio.AioRpcError as exc:
-            codes[exc.code().name] += 1
-        try:
-            status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status
-            codes[f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"] += 1
-        except grpc.aio.AioRpcError as exc:
-            codes[f"health {exc.code().name}"] += 1
 
 
 def test_a_dead_step_thread_ends_the_process_with_70(tiny_model_dir: Path) -> None:
