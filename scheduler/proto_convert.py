@@ -15,6 +15,21 @@ from .events import FinishEvent, FinishReason, TokenEvent, Usage
 from .generation_request import ChatMessage, GenerationRequest, PluginRequest
 from .validation import check_request_id
 
+# The engine's parameter names that differ from the wire's; the others are the same words.
+_WIRE_FIELDS = {
+    "max_time": "stopping.max_time_seconds",
+    "logprobs": "logprobs.enabled",
+    "top_logprobs": "logprobs.top",
+    "processed_logprobs": "logprobs.processed",
+    "skip_special_tokens": "keep_special_tokens",
+}
+
+
+def wire_field(field: str) -> str:
+    """The name a client sees for an engine parameter (`top_logprobs` -> `logprobs.top`)."""
+    head, bracket, rest = field.partition("[")  # e.g. logit_bias[5]
+    return _WIRE_FIELDS.get(head, head) + bracket + rest
+
 
 def chat_from_proto(chat: pb.Chat, limits: RequestLimits) -> list[ChatMessage]:
     """The chat's messages; more than `limits.max_chat_messages` are refused unconverted."""

@@ -49,6 +49,7 @@ from .proto_convert import (
     refused_finish,
     rejected,
     request_from_proto,
+    wire_field,
 )
 from .status_codes import code_number, finish_code, rich_status, status_of
 from .validation import check_request_id
@@ -168,13 +169,17 @@ class GenerationService(pb_grpc.GenerationServicer):
     def refusal(self, exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
         """(code, message, field) of a refused request; counts it. An unexpected
         exception is logged with an error id and reported as INTERNAL with that id only."""
+        field = None
         if isinstance(exc, TreadleError):
             code, message = status_of(exc), str(exc)
         else:
             code = grpc.StatusCode.INTERNAL
             message = log_internal_error(log, "refusing a request failed", exc_info=exc)
+        if isinstance(exc, ValidationError):  # the engine's name of the field -> the wire's
+            field = wire_field(exc.field)
+            message = field + message.removeprefix(exc.field)
         self.metrics.count_error(code.name)
-        return code, message, exc.field if isinstance(exc, ValidationError) else None
+        return code, message, field
 
     async def _call_finish(self, event: FinishEvent, context: Any) -> pb.Finish:
         """The Finish of a one-request call; a passed deadline or a reader too slow

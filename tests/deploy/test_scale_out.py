@@ -171,7 +171,7 @@ async def test_sigterm_drains_one_replica_while_the_other_takes_new_requests(
         async with asyncio.timeout(60):
             assert await servers[0].proc.wait() == 0  # the drain ends, the process exits 0
         assert servers[1].proc.returncode is None  # the other replica serves on
-        await servers[0].wait_log(r"stopped")
+        await servers[0].wait_log(r"drained")
     finally:
         for channel in channels:
             await channel.close()
