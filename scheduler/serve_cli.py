@@ -22,6 +22,17 @@ def _env(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
     return kind(value) if value not in (None, "") else default
 
 
+def positive_seconds(text: str) -> float:
+    """A flag value that must be a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text!r})")
+    return value
+
+
 def _flag(
     p: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], default: Any, help: str
 ) -> None:
@@ -74,7 +85,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ),
         (
             "--priority-step",
-            float,
+            positive_seconds,
             engine.priority_step_s,
             "seconds of waiting worth one request priority step: a waiting request "
             "overtakes one that arrived N x this later with N more priority (no starvation)",

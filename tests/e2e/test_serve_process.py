@@ -127,6 +127,12 @@ async def test_port_taken_and_missing_model_give_clear_errors(tmp_path: Path) ->
     assert "neither a model folder nor a .gguf file" in missing.stderr
 
 
+def test_a_priority_step_that_is_not_positive_is_a_usage_error() -> None:
+    bad = run_serve("--priority-step", "0")
+    assert bad.returncode == 2
+    assert "--priority-step: must be a positive number of seconds" in bad.stderr
+
+
 def test_a_dead_step_thread_ends_the_process_with_70(tiny_model_dir: Path) -> None:
     """The engine's step thread dies at its first step (patched here, in the test's launcher)."""
     launcher = (
