@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,28 @@ class Exploding(LogitsPlugin):
 
     def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
         raise RuntimeError("kaboom")
+
+
+class Throttle(LogitsPlugin):
+    """A logits plugin the test paces: `free` more steps run at once (None: all of them),
+    then each step waits (bounded) until `release` is set. In-process servers only."""
+
+    name = "throttle"
+
+    def __init__(self) -> None:
+        self.free: int | None = None
+        self.release = threading.Event()
+
+    def bind(self, args: Any, ctx: PluginContext) -> object:
+        return None
+
+    def __call__(self, scores: torch.Tensor, rows: Any, states: Any) -> torch.Tensor:
+        if self.free is not None:
+            if self.free > 0:
+                self.free -= 1
+            else:
+                self.release.wait(timeout=60)
+        return scores
 
 
 class BanEverything(LogitsPlugin):

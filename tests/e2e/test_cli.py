@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from e2e.served import Served, start_served
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from helpers import Exploding
+from helpers import Exploding, Throttle
 from tls_certs import make_tls
 
 from treadle.client import AsyncClient
@@ -116,14 +116,22 @@ async def read_until(
 async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
     tiny: LoadedModel,
 ) -> None:
-    # a longer context than the default fixture's, so answers are long enough to interrupt
-    served = await start_served(tiny, EngineConfig(max_batch_rows=4, max_seq_len=512))
+    # The second answer is held after a few tokens (the throttle plugin) until Ctrl-C was
+    # handled, so the interrupt always lands mid-answer.
+    throttle = Throttle()
+    plugins = default_registry()
+    plugins.register("throttle", throttle)
+    served = await start_served(
+        tiny, EngineConfig(max_batch_rows=4, max_seq_len=512), plugins=plugins
+    )
     proc = await asyncio.create_subprocess_exec(
         *CLI,
         "chat",
         "--max-new-tokens",
         "150",
         "--ignore-eos",
+        "--plugin",
+        "throttle",
         env=env_for(served),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -139,13 +147,15 @@ async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
         first_answer = out.decode().split("> ")[1]
         assert len(first_answer.strip()) > 20
 
+        throttle.free = 12  # the prefill and a few tokens, then the answer waits
         proc.stdin.write(b"And again, at length.\n")
         await proc.stdin.drain()
         mark = len(out)
-        while len(out) < mark + 20:  # some of the second answer has streamed
+        while len(out) < mark + 5:  # some of the second answer has streamed
             out.extend(await asyncio.wait_for(proc.stdout.read(64), 60))
         proc.send_signal(signal.SIGINT)  # Ctrl-C: stop this answer, stay in the chat
         await read_until(proc.stdout, b"[stopped]", out)
+        throttle.release.set()  # the held step ends; the cancelled request leaves
         await read_until(proc.stdout, b"> ", out, 3)
 
         proc.stdin.write(b"Short question?\n")
@@ -155,6 +165,7 @@ async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
         out.extend(rest)
         assert proc.returncode == 0, err.decode()
     finally:
+        throttle.release.set()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
