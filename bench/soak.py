@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=16, help="largest budget of a case")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="--model of the server; default: embedded")
+    ap.add_argument("--max-batch-rows", type=int, default=None, help="server's; default: its own")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="server's; default: its own")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `treadle serve` arg")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--timeout", type=float, default=3600.0, help="bound on the whole run (s)")
@@ -67,6 +69,12 @@ def serve_args(args: argparse.Namespace) -> list[str]:
     command += ["--port", "0", "--metrics-port", "0", "--log-level", "INFO"]
     if args.model:
         command += ["--model", args.model]
+    for flag, value in (
+        ("--max-batch-rows", args.max_batch_rows),
+        ("--max-seq-len", args.max_seq_len),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
     return command + args.server_arg
 
 

@@ -174,6 +174,7 @@ class Throttle(LogitsPlugin):
     def __init__(self) -> None:
         self.free: int | None = None
         self.release = threading.Event()
+        self.holding = threading.Event()  # set once a step waits for `release`
 
     def bind(self, args: Any, ctx: PluginContext) -> object:
         return None
@@ -183,6 +184,7 @@ class Throttle(LogitsPlugin):
             if self.free > 0:
                 self.free -= 1
             else:
+                self.holding.set()
                 self.release.wait(timeout=60)
         return scores
 

@@ -153,8 +153,14 @@ async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
         mark = len(out)
         while len(out) < mark + 5:  # some of the second answer has streamed
             out.extend(await asyncio.wait_for(proc.stdout.read(64), 60))
+        assert await asyncio.to_thread(throttle.holding.wait, 60)  # and the rest waits
         proc.send_signal(signal.SIGINT)  # Ctrl-C: stop this answer, stay in the chat
-        await read_until(proc.stdout, b"[stopped]", out)
+        try:
+            await read_until(proc.stdout, b"[stopped]", out)
+        except TimeoutError as exc:  # say what the CLI was doing
+            proc.kill()
+            err = await asyncio.wait_for(proc.stderr.read(), 30)
+            raise AssertionError(f"no [stopped]; the CLI's stderr: {err.decode()[-4000:]}") from exc
         throttle.release.set()  # the held step ends; the cancelled request leaves
         await read_until(proc.stdout, b"> ", out, 3)
 

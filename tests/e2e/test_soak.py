@@ -23,8 +23,11 @@ from bench.soak import failures, parse_args, soak
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(900)
 def test_soak_of_500_requests_loses_nothing(tmp_path: Path) -> None:
-    args = parse_args(["--requests", "500", "--clients", "32", "--out", str(tmp_path)])
+    # 16 rows x 256 positions: the same paths as the defaults, a fraction of the KV memory
+    sizes = ["--max-batch-rows", "16", "--max-seq-len", "256"]
+    args = parse_args(["--requests", "500", "--clients", "32", "--out", str(tmp_path), *sizes])
     report = asyncio.run(asyncio.wait_for(soak(args, Progress(label="soak")), timeout=600))
     assert report["requests"] == 500
     assert report["lost"] == 0, report
