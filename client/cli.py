@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # the server, imported only when asked for
-        from treadle.scheduler.serve_cli import serve_main
+        from treadle.server.serve_cli import serve_main
 
         return serve_main(argv[1:])
     parser = build_parser()

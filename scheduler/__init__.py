@@ -1,3 +1,4 @@
 """treadle's control plane: the engine (queue, admission, step loop, stopping,
-detokenization), request validation, the gRPC service, metrics and `treadle serve`.
+detokenization, prefix reuse) and request validation. The frontends live in
+treadle.server.
 """

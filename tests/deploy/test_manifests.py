@@ -31,8 +31,8 @@ from deploy.support import (
     tool,
 )
 
-from treadle.scheduler.serve_cli import add_serve_arguments
-from treadle.scheduler.service import service_names
+from treadle.server.serve_cli import add_serve_arguments
+from treadle.server.service import service_names
 
 # The oldest Kubernetes the manifests are meant for, and the newest the validator knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())

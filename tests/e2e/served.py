@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tls_certs import TlsFiles
 
 from treadle.scheduler.engine import Engine, EngineConfig
-from treadle.scheduler.server import ServerConfig, TreadleServer
 from treadle.scheduler.step_stats import StepStats
+from treadle.server.server import ServerConfig, TreadleServer
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 from treadle.worker.loader import LoadedModel

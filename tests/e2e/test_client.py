@@ -24,7 +24,7 @@ from treadle.client import (
     Unauthenticated,
 )
 from treadle.scheduler.engine import EngineConfig
-from treadle.scheduler.server import ServerConfig
+from treadle.server.server import ServerConfig
 from treadle.v1 import treadle_pb2 as pb
 from treadle.worker.loader import LoadedModel
 

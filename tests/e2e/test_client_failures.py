@@ -29,8 +29,8 @@ from treadle.client import (
 )
 from treadle.client.connection import Connection
 from treadle.scheduler.events import SHUTTING_DOWN, FinishEvent, Usage
-from treadle.scheduler.proto_convert import finish_to_proto
-from treadle.scheduler.status_codes import code_number, finish_code
+from treadle.server.proto_convert import finish_to_proto
+from treadle.server.status_codes import code_number, finish_code
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 

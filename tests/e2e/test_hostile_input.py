@@ -16,9 +16,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from treadle.client.limits import RequestLimits
-from treadle.scheduler import service as service_module
 from treadle.scheduler.engine import EngineConfig
-from treadle.scheduler.server import ServerConfig, TreadleServer
+from treadle.server import service as service_module
+from treadle.server.server import ServerConfig, TreadleServer
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 from treadle.worker.loader import LoadedModel

@@ -18,10 +18,10 @@ from e2e.served import Served, greedy, start_served
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tls_certs import make_tls
 
-from treadle.scheduler.metrics import ServerMetrics
-from treadle.scheduler.serve_cli import add_serve_arguments
-from treadle.scheduler.serve_main import _server_config
-from treadle.scheduler.server import ServerConfig, ServerStartError, TreadleServer
+from treadle.server.metrics import ServerMetrics
+from treadle.server.serve_cli import add_serve_arguments
+from treadle.server.serve_main import _server_config
+from treadle.server.server import ServerConfig, ServerStartError, TreadleServer
 from treadle.v1 import treadle_pb2 as pb
 from treadle.worker.loader import LoadedModel
 

@@ -15,7 +15,7 @@ from tls_certs import make_tls
 
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.generation_request import GenerationRequest
-from treadle.scheduler.server import ServerConfig
+from treadle.server.server import ServerConfig
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 from treadle.worker.loader import LoadedModel
@@ -201,7 +201,7 @@ async def test_full_queue_answers_resource_exhausted(tiny: LoadedModel) -> None:
 
 
 async def test_health_follows_start_serve_and_drain(tiny: LoadedModel) -> None:
-    from treadle.scheduler.server import TreadleServer
+    from treadle.server.server import TreadleServer
 
     server = TreadleServer(ServerConfig(host="127.0.0.1", port=0, metrics_port=None), "tiny")
     await server.start()

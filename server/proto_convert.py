@@ -8,12 +8,12 @@ from treadle.v1 import treadle_pb2 as pb
 
 from ..client.convert import FINISH_REASONS
 from ..client.limits import RequestLimits
+from ..scheduler.errors import ValidationError
+from ..scheduler.events import FinishEvent, FinishReason, TokenEvent, Usage
+from ..scheduler.generation_request import ChatMessage, GenerationRequest, PluginRequest
+from ..scheduler.validation import check_request_id
 from ..worker.plan import TokenLogprobs
 from .bounded_json import JsonLimitError, loads_bounded
-from .errors import ValidationError
-from .events import FinishEvent, FinishReason, TokenEvent, Usage
-from .generation_request import ChatMessage, GenerationRequest, PluginRequest
-from .validation import check_request_id
 
 # The engine's parameter names that differ from the wire's; the others are the same words.
 _WIRE_FIELDS = {

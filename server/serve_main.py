@@ -10,10 +10,10 @@ import signal
 import sys
 
 from ..client.limits import RequestLimits
+from ..scheduler.engine import Engine, EngineConfig
 from ..worker.loader import DEFAULT_MODEL, ModelNotFoundError
 from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.plugins.base import PluginArgumentError
-from .engine import Engine, EngineConfig
 from .server import ServerConfig, ServerStartError, TreadleServer
 
 log = logging.getLogger("treadle.serve")

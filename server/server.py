@@ -35,10 +35,10 @@ from prometheus_client import start_http_server
 
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
+from ..scheduler.engine import Engine
+from ..scheduler.generation_request import GenerationRequest
 from .auth import BearerTokenInterceptor
 from .call_tracker import CallTracker
-from .engine import Engine
-from .generation_request import GenerationRequest
 from .metrics import ServerMetrics
 from .service import GenerationService, service_names
 

@@ -28,8 +28,8 @@ from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
 from ..client.limits import RequestLimits
-from .engine import Engine
-from .errors import (
+from ..scheduler.engine import Engine
+from ..scheduler.errors import (
     DuplicateRequestError,
     EngineUnavailableError,
     SessionLimitError,
@@ -37,9 +37,10 @@ from .errors import (
     ValidationError,
     log_internal_error,
 )
-from .event_stream import EventStream
-from .events import Event, FinishEvent, TokenEvent
-from .generation_request import GenerationRequest
+from ..scheduler.event_stream import EventStream
+from ..scheduler.events import Event, FinishEvent, TokenEvent
+from ..scheduler.generation_request import GenerationRequest
+from ..scheduler.validation import check_request_id
 from .metrics import ServerMetrics
 from .proto_convert import (
     chat_from_proto,
@@ -52,7 +53,6 @@ from .proto_convert import (
     wire_field,
 )
 from .status_codes import code_number, finish_code, rich_status, status_of
-from .validation import check_request_id
 
 log = logging.getLogger("treadle.service")
 

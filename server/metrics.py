@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .engine import Engine
-from .step_stats import StepStats
+from ..scheduler.engine import Engine
+from ..scheduler.step_stats import StepStats
 
 # Explicit buckets, in seconds (or rows), sized for CPU and GPU serving alike.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

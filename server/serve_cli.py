@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .engine_config import EngineConfig
+from ..scheduler.engine_config import EngineConfig
 
 
 def _env(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:

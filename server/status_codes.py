@@ -16,14 +16,14 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .errors import (
+from ..scheduler.errors import (
     DuplicateRequestError,
     EngineUnavailableError,
     QueueFullError,
     SessionLimitError,
     ValidationError,
 )
-from .events import Cause, FinishEvent, FinishReason
+from ..scheduler.events import Cause, FinishEvent, FinishReason
 
 _BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),

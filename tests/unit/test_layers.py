@@ -1,0 +1,129 @@
+"""The import layers: server -> scheduler -> worker, never back.
+
+Every module of the packages (found through pyproject.toml's package-dir) is parsed with
+`ast`; each import, relative or absolute, at the top or inside a function, is resolved to
+the absolute name it loads and checked against what its layer may not import.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# package -> the packages it must never import (a layer never reaches above itself)
+FORBIDDEN = {
+    "treadle.scheduler": ("treadle.server",),
+    "treadle.worker": ("treadle.server", "treadle.scheduler"),
+}
+
+
+def package_dirs() -> dict[str, Path]:
+    """The top-level `treadle.*` packages and their folders, as pyproject.toml maps them."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    mapping = pyproject["tool"]["setuptools"]["package-dir"]
+    return {name: REPO / folder for name, folder in mapping.items()}
+
+
+def modules(package: str, folder: Path) -> Iterator[tuple[str, bool, Path]]:
+    """(module name, is a package's __init__, file) for every .py file under `folder`."""
+    for path in sorted(folder.rglob("*.py")):
+        parts = list(path.relative_to(folder).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts.pop()
+        yield ".".join([package, *parts]), is_package, path
+
+
+def imported_names(source: str, module: str, is_package: bool) -> Iterator[tuple[int, str]]:
+    """(line, absolute name) for every import in `source`; `from a import b` yields both
+    `a` and `a.b`, since `b` may be a module (`from treadle import server`)."""
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            yield node.lineno, target
+            for alias in node.names:
+                yield node.lineno, f"{target}.{alias.name}"
+
+
+def violations(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, imported name) for each import that crosses the layers backwards."""
+    forbidden = next(
+        (bad for pkg, bad in FORBIDDEN.items() if module == pkg or module.startswith(pkg + ".")),
+        (),
+    )
+    return [
+        (line, name)
+        for line, name in imported_names(source, module, is_package)
+        if any(name == bad or name.startswith(bad + ".") for bad in forbidden)
+    ]
+
+
+def test_the_layers_are_never_crossed_backwards() -> None:
+    dirs = package_dirs()
+    assert {"treadle.server", "treadle.scheduler", "treadle.worker"} <= set(dirs)
+    found: list[str] = []
+    checked = 0
+    for package in FORBIDDEN:
+        for module, is_package, path in modules(package, dirs[package]):
+            checked += 1
+            for line, name in violations(path.read_text(), module, is_package):
+                found.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert checked > 10  # the walk really saw the packages
+    assert not found, "layer violations (server -> scheduler -> worker):\n" + "\n".join(found)
+
+
+def test_the_server_is_seen_importing_the_layers_below() -> None:
+    """The resolver is not blind: server/ does import scheduler/ and worker/."""
+    dirs = package_dirs()
+    names = {
+        name
+        for module, is_package, path in modules("treadle.server", dirs["treadle.server"])
+        for _, name in imported_names(path.read_text(), module, is_package)
+    }
+    assert "treadle.scheduler.engine" in names
+    assert "treadle.worker.loader" in names
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "expected"),
+    [
+        ("treadle.scheduler.engine", "from ..server.service import X\n", "treadle.server.service"),
+        ("treadle.scheduler.engine", "import treadle.server.metrics\n", "treadle.server.metrics"),
+        ("treadle.scheduler.engine", "from treadle import server\n", "treadle.server"),
+        ("treadle.scheduler.engine", "def f():\n    from .. import server\n", "treadle.server"),
+        ("treadle.worker.worker", "from ..scheduler.request import Request\n", "treadle.scheduler"),
+        ("treadle.worker.plugins.base", "from ...scheduler import events\n", "treadle.scheduler"),
+    ],
+)
+def test_a_backward_import_is_caught(module: str, source: str, expected: str) -> None:
+    found = violations(source, module, is_package=False)
+    assert found and any(name.startswith(expected) for _, name in found)
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("treadle.server.service", "from ..scheduler.engine import Engine\n"),
+        ("treadle.scheduler.engine", "from ..worker.plan import StepPlan\n"),
+        ("treadle.scheduler.engine", "from .events import FinishEvent\n"),
+        ("treadle.worker.plugins", "from .base import Plugin\n"),  # an __init__
+        ("treadle.scheduler.engine", "import logging\n"),
+    ],
+)
+def test_a_forward_import_is_allowed(module: str, source: str) -> None:
+    assert violations(source, module, is_package=module == "treadle.worker.plugins") == []
