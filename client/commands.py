@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -67,6 +68,9 @@ def chat(args: argparse.Namespace) -> int:
     Exits 1 if any question failed (at once for a refused token: every later
     question would fail the same way), 0 otherwise.
     """
+    # Ctrl-C stops an answer even when the chat was started with SIGINT ignored (a shell
+    # without job control starts background commands so, and children inherit it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     messages = _opening(args.system)
     failed = False
     try:

@@ -136,6 +136,8 @@ async def test_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # started as a shell without job control starts background commands: SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     assert proc.stdin and proc.stdout
     out = bytearray()
