@@ -80,7 +80,11 @@ def render(text: str) -> str:
         "# API reference: treadle.v1",
         "",
         "Generated from `proto/treadle/v1/treadle.proto` by `python proto/api_doc.py`;",
-        "the tests fail when this page and the .proto disagree.",
+        "the tests fail when this page and the .proto disagree. The .proto ships in the",
+        "installed package beside the Python stubs, so a program in another language can",
+        "generate its client from an installed treadle:",
+        '`python -c "import treadle.v1, pathlib; print(pathlib.Path(treadle.v1.__file__).parent'
+        " / 'treadle.proto')\"`.",
         "",
         header,
         "",

@@ -44,3 +44,21 @@ def test_api_reference_matches_the_proto() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_wheel_ships_the_proto_beside_its_stubs(tmp_path: Path) -> None:
+    """A program in another language generates its client from the installed package."""
+    import zipfile
+
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip_wheel, "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        timeout=240,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    (wheel,) = tmp_path.glob("treadle-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"treadle/v1/treadle.proto", "treadle/v1/treadle_pb2.py"} <= names
+    shipped = zipfile.ZipFile(wheel).read("treadle/v1/treadle.proto").decode()
+    assert shipped == (ROOT / "proto" / "treadle" / "v1" / "treadle.proto").read_text()
