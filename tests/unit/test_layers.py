@@ -8,6 +8,8 @@ the absolute name it loads and checked against what its layer may not import.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# package -> the packages it must never import (a layer never reaches above itself)
+# package -> the packages it must never import (a layer never reaches above itself, and
+# the generated stubs, treadle.v1, are for the edges only: server/ and client/)
 FORBIDDEN = {
-    "treadle.scheduler": ("treadle.server",),
-    "treadle.worker": ("treadle.server", "treadle.scheduler"),
+    "treadle.scheduler": ("treadle.server", "treadle.v1"),
+    "treadle.worker": ("treadle.server", "treadle.scheduler", "treadle.v1"),
 }
 
 
@@ -127,3 +130,19 @@ def test_a_backward_import_is_caught(module: str, source: str, expected: str) ->
 )
 def test_a_forward_import_is_allowed(module: str, source: str) -> None:
     assert violations(source, module, is_package=module == "treadle.worker.plugins") == []
+
+
+def test_the_client_imports_neither_torch_nor_transformers() -> None:
+    """The base install is the SDK: every client module imports with torch and transformers
+    made unimportable (a subprocess, so nothing already imported here can hide it)."""
+    client = sorted(m for m, _, _ in modules("treadle.client", package_dirs()["treadle.client"]))
+    assert "treadle.client.cli" in client
+    script = (
+        "import importlib, sys\n"
+        "for banned in ('torch', 'transformers'):\n"
+        "    sys.modules[banned] = None  # any import of it raises ImportError\n"
+        f"for name in {client!r}:\n"
+        "    importlib.import_module(name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
