@@ -87,24 +87,26 @@ def soak_chats() -> list[pb.Chat]:
     return [pb.Chat(messages=[pb.ChatMessage(role="user", content=q)]) for q in questions]
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int) -> list[Any]:
+    """Every sample the server's /metrics shows now."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        s.name: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if not s.labels
-    }
+        families = text_string_to_metric_families(response.read().decode())
+    return [sample for family in families for sample in family.samples]
 
 
-async def wait_idle(port: int, timeout_s: float = 120.0) -> dict[str, float]:
+def gauges(samples: list[Any]) -> dict[str, float]:
+    """The unlabelled samples by name."""
+    return {s.name: s.value for s in samples if not s.labels}
+
+
+async def wait_idle(port: int, timeout_s: float = 120.0) -> list[Any]:
     """Poll /metrics (bounded) until nothing runs or waits; returns the last scrape."""
     deadline = time.monotonic() + timeout_s
     while True:
-        values = await asyncio.to_thread(scrape, port)
+        samples = await asyncio.to_thread(scrape, port)
+        values = gauges(samples)
         if all(values.get(g, 0.0) == 0.0 for g in IDLE_GAUGES) or time.monotonic() > deadline:
-            return values
+            return samples
         await asyncio.sleep(0.5)  # polling a gauge, not synchronising with a result
 
 
@@ -181,22 +183,14 @@ async def _soak_against(
         "rss_after_warmup_mb": round(rss_warm / 2**20, 1),
         "rss_end_mb": round(rss_end / 2**20, 1),
         "rss_growth": round(rss_end / rss_warm - 1, 4),
-        "server_at_end": {g: idle.get(g) for g in IDLE_GAUGES},
-        "finished_by_reason": finished_by_reason(await asyncio.to_thread(scrape_all, metrics_port)),
+        "server_at_end": {g: gauges(idle).get(g) for g in IDLE_GAUGES},
+        "finished_by_reason": finished_by_reason(idle),
     }
 
 
-def scrape_all(port: int) -> list[Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return list(text_string_to_metric_families(response.read().decode()))
-
-
-def finished_by_reason(families: list[Any]) -> dict[str, float]:
+def finished_by_reason(samples: list[Any]) -> dict[str, float]:
     return {
-        s.labels["reason"]: s.value
-        for f in families
-        for s in f.samples
-        if s.name == "treadle_requests_finished_total"
+        s.labels["reason"]: s.value for s in samples if s.name == "treadle_requests_finished_total"
     }
 
 

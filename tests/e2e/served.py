@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tls_certs import TlsFiles
 
@@ -78,6 +80,23 @@ class Served:
             assert await asyncio.to_thread(seen.wait, timeout), "condition not reached"
         finally:
             self.engine.step_observers.remove(observe)
+
+
+@contextlib.asynccontextmanager
+async def not_serving_health() -> AsyncIterator[str]:
+    """A bare health service on a free loopback port that answers NOT_SERVING for the
+    server and the Generation service (a server loading or draining); yields its target."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        for service in ("", "treadle.v1.Generation"):
+            await servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
 
 
 async def start_served(

@@ -9,9 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
-from e2e.served import Served, start_served
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from e2e.served import Served, not_serving_health, start_served
 from helpers import Exploding, Throttle
 from tls_certs import make_tls
 
@@ -216,19 +214,12 @@ async def test_a_client_cert_without_its_key_is_a_usage_error(
 
 
 async def test_health_prints_not_serving() -> None:
-    server = grpc.aio.server()
-    servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        for service in ("", "treadle.v1.Generation"):  # loading or draining
-            await servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    async with not_serving_health() as target:  # loading or draining
         proc = await asyncio.create_subprocess_exec(
             *CLI,
             "health",
             "--target",
-            f"127.0.0.1:{port}",
+            target,
             "--timeout",
             "10",
             stdout=asyncio.subprocess.PIPE,
@@ -236,5 +227,3 @@ async def test_health_prints_not_serving() -> None:
         )
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 1 and out.decode().strip() == "NOT_SERVING"
-    finally:
-        await server.stop(None)

@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 import pytest
+from e2e.served import not_serving_health
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from treadle.client import (
     AsyncClient,
@@ -231,20 +231,11 @@ async def test_session_handles_end_when_the_server_ends_the_session(
 
 
 async def test_health_reports_not_serving_instead_of_unreachable() -> None:
-    server = grpc.aio.server()
-    servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        for service in ("", "treadle.v1.Generation"):
-            await servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        async with AsyncClient(f"127.0.0.1:{port}", timeout=10) as client:
+    async with not_serving_health() as target:
+        async with AsyncClient(target, timeout=10) as client:
             assert await client.health() == "NOT_SERVING"
-        status = await asyncio.to_thread(_sync_health, f"127.0.0.1:{port}")
+        status = await asyncio.to_thread(_sync_health, target)
         assert status == "NOT_SERVING"
-    finally:
-        await server.stop(None)
 
 
 def _sync_health(target: str) -> str:
