@@ -104,7 +104,7 @@ def test_build_context_holds_what_the_images_copy() -> None:
 
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     needed = [pyproject["project"]["readme"], "pyproject.toml"]
-    needed += pyproject["tool"]["setuptools"]["package-dir"].values()  # every package's source
+    needed += pyproject["tool"]["setuptools"]["packages"]["find"]["where"]  # the package roots
     for name, path in DOCKERFILES.items():
         build = parse_dockerfile(path)[0]
         sources = [

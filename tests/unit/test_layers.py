@@ -1,6 +1,6 @@
 """The import layers: server -> scheduler -> worker, never back.
 
-Every module of the packages (found through pyproject.toml's package-dir) is parsed with
+Every module of the packages (found under pyproject.toml's package roots) is parsed with
 `ast`; each import, relative or absolute, at the top or inside a function, is resolved to
 the absolute name it loads and checked against what its layer may not import.
 """
@@ -27,10 +27,15 @@ FORBIDDEN = {
 
 
 def package_dirs() -> dict[str, Path]:
-    """The top-level `treadle.*` packages and their folders, as pyproject.toml maps them."""
+    """The top-level `treadle.*` packages and their folders, under pyproject.toml's roots."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    mapping = pyproject["tool"]["setuptools"]["package-dir"]
-    return {name: REPO / folder for name, folder in mapping.items()}
+    roots = pyproject["tool"]["setuptools"]["packages"]["find"]["where"]
+    return {
+        f"treadle.{folder.name}": folder
+        for root in roots
+        for folder in sorted((REPO / root / "treadle").iterdir())
+        if (folder / "__init__.py").is_file()
+    }
 
 
 def modules(package: str, folder: Path) -> Iterator[tuple[str, bool, Path]]:
