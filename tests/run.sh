@@ -12,7 +12,7 @@ echo "[tests] ruff" >&2
 "$bin/ruff" format --check .
 
 echo "[tests] mypy" >&2
-"$bin/mypy" -p treadle.server -p treadle.scheduler -p treadle.worker -p treadle.client
+"$bin/mypy" -p treadle.server -p treadle.scheduler -p treadle.worker -p treadle.client -p treadle.api
 "$bin/mypy" "$root/bench"
 
 echo "[tests] pytest" >&2
