@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from treadle.api.outcome import FinishReason
 from treadle.scheduler.engine import Engine, EngineConfig
-from treadle.scheduler.events import FinishEvent, FinishReason, TokenEvent
+from treadle.scheduler.events import FinishEvent, TokenEvent
 from treadle.scheduler.generation_request import GenerationRequest
 from treadle.scheduler.step_stats import StepStats
 from treadle.worker.loader import LoadedModel
@@ -174,11 +175,11 @@ def summarize_steps(steps: list[StepStats]) -> dict[str, Any]:
 
 def summarize_latency(finishes: list[FinishEvent]) -> dict[str, Any]:
     """p50/p99 of time to first token, end-to-end latency and queue time (seconds)."""
-    ttft = [f.usage.time_to_first_token_s for f in finishes]
+    ttft = [f.usage.time_to_first_token_seconds for f in finishes]
     figures = {
         "ttft_s": [t for t in ttft if t is not None],
-        "e2e_s": [f.usage.total_s for f in finishes],
-        "queue_s": [f.usage.queue_s for f in finishes],
+        "e2e_s": [f.usage.total_seconds for f in finishes],
+        "queue_s": [f.usage.queue_seconds for f in finishes],
     }
     return {name: percentiles(values) for name, values in figures.items()}
 

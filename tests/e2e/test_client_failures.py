@@ -18,6 +18,7 @@ from e2e.served import not_serving_health
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from treadle.api.outcome import Usage
 from treadle.client import (
     AsyncClient,
     Client,
@@ -28,7 +29,7 @@ from treadle.client import (
     Unavailable,
 )
 from treadle.client.connection import Connection
-from treadle.scheduler.events import SHUTTING_DOWN, FinishEvent, Usage
+from treadle.scheduler.events import SHUTTING_DOWN, FinishEvent
 from treadle.server.proto_convert import finish_to_proto
 from treadle.server.status_codes import code_number, finish_code
 from treadle.v1 import treadle_pb2 as pb

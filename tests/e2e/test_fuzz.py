@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from proto_fuzz import field_names, messages
 
-from treadle.client.limits import RequestLimits
+from treadle.api.limits import RequestLimits
 from treadle.scheduler.engine import EngineConfig
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc

@@ -15,7 +15,7 @@ from e2e.served import Served, greedy, start_served
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from treadle.client.limits import RequestLimits
+from treadle.api.limits import RequestLimits
 from treadle.scheduler.engine import EngineConfig
 from treadle.server import service as service_module
 from treadle.server.server import ServerConfig, TreadleServer

@@ -8,8 +8,9 @@ import random
 import pytest
 from helpers import Collected, collect, drive, reference_greedy
 
+from treadle.api.outcome import FinishReason
 from treadle.scheduler.engine import Engine, EngineConfig
-from treadle.scheduler.events import FinishReason, TokenEvent
+from treadle.scheduler.events import TokenEvent
 from treadle.scheduler.generation_request import ChatMessage, GenerationRequest
 from treadle.worker.loader import LoadedModel
 

@@ -24,7 +24,8 @@ from bench.settings import W1Settings
 from bench.treadle_run import Outcome, check_outcomes
 from bench.w1 import run_w1
 from bench.workload import Workload, mean_decode_context
-from treadle.scheduler.events import FinishEvent, FinishReason, Usage
+from treadle.api.outcome import FinishReason, Usage
+from treadle.scheduler.events import FinishEvent
 from treadle.worker.loader import LoadedModel
 
 

@@ -18,9 +18,9 @@ from helpers import (
     reference_greedy,
 )
 
+from treadle.api.outcome import FinishReason
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.errors import QueueFullError, ValidationError
-from treadle.scheduler.events import FinishReason
 from treadle.scheduler.generation_request import GenerationRequest, PluginRequest
 from treadle.scheduler.step_stats import StepStats
 from treadle.worker.loader import LoadedModel

@@ -1,4 +1,5 @@
-"""The import layers: server -> scheduler -> worker, never back.
+"""The import layers: server -> scheduler -> worker, never back; the SDK and the server
+meet only in the shared types (api/), which import nothing else of treadle.
 
 Every module of the packages (found under pyproject.toml's package roots) is parsed with
 `ast`; each import, relative or absolute, at the top or inside a function, is resolved to
@@ -18,11 +19,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# package -> the packages it must never import (a layer never reaches above itself, and
-# the generated stubs, treadle.v1, are for the edges only: server/ and client/)
+# package -> the packages it must never import (a layer never reaches above itself, the
+# generated stubs, treadle.v1, are for the edges only: server/ and client/, and the SDK
+# and the server share only treadle.api)
 FORBIDDEN = {
-    "treadle.scheduler": ("treadle.server", "treadle.v1"),
-    "treadle.worker": ("treadle.server", "treadle.scheduler", "treadle.v1"),
+    "treadle.server": ("treadle.client",),
+    "treadle.client": ("treadle.server", "treadle.scheduler", "treadle.worker"),
+    "treadle.scheduler": ("treadle.server", "treadle.client", "treadle.v1"),
+    "treadle.worker": ("treadle.server", "treadle.scheduler", "treadle.client", "treadle.v1"),
+    "treadle.api": (
+        "treadle.server",
+        "treadle.client",
+        "treadle.scheduler",
+        "treadle.worker",
+        "treadle.v1",
+    ),
 }
 
 
@@ -83,7 +94,7 @@ def violations(source: str, module: str, is_package: bool) -> list[tuple[int, st
 
 def test_the_layers_are_never_crossed_backwards() -> None:
     dirs = package_dirs()
-    assert {"treadle.server", "treadle.scheduler", "treadle.worker"} <= set(dirs)
+    assert set(FORBIDDEN) <= set(dirs)
     found: list[str] = []
     checked = 0
     for package in FORBIDDEN:
@@ -92,7 +103,7 @@ def test_the_layers_are_never_crossed_backwards() -> None:
             for line, name in violations(path.read_text(), module, is_package):
                 found.append(f"{path.relative_to(REPO)}:{line} imports {name}")
     assert checked > 10  # the walk really saw the packages
-    assert not found, "layer violations (server -> scheduler -> worker):\n" + "\n".join(found)
+    assert not found, "layer violations:\n" + "\n".join(found)
 
 
 def test_the_server_is_seen_importing_the_layers_below() -> None:
@@ -116,6 +127,9 @@ def test_the_server_is_seen_importing_the_layers_below() -> None:
         ("treadle.scheduler.engine", "def f():\n    from .. import server\n", "treadle.server"),
         ("treadle.worker.worker", "from ..scheduler.request import Request\n", "treadle.scheduler"),
         ("treadle.worker.plugins.base", "from ...scheduler import events\n", "treadle.scheduler"),
+        ("treadle.server.service", "from ..client.params import X\n", "treadle.client"),
+        ("treadle.client.cli", "from treadle.server import serve_cli\n", "treadle.server"),
+        ("treadle.api.params", "from ..scheduler import errors\n", "treadle.scheduler"),
     ],
 )
 def test_a_backward_import_is_caught(module: str, source: str, expected: str) -> None:
@@ -131,6 +145,8 @@ def test_a_backward_import_is_caught(module: str, source: str, expected: str) ->
         ("treadle.scheduler.engine", "from .events import FinishEvent\n"),
         ("treadle.worker.plugins", "from .base import Plugin\n"),  # an __init__
         ("treadle.scheduler.engine", "import logging\n"),
+        ("treadle.client.convert", "from ..api.params import GenerationParams\n"),
+        ("treadle.worker.plan", "from ..api.outcome import TokenLogprob\n"),
     ],
 )
 def test_a_forward_import_is_allowed(module: str, source: str) -> None:
@@ -138,10 +154,14 @@ def test_a_forward_import_is_allowed(module: str, source: str) -> None:
 
 
 def test_the_client_imports_neither_torch_nor_transformers() -> None:
-    """The base install is the SDK: every client module imports with torch and transformers
-    made unimportable (a subprocess, so nothing already imported here can hide it)."""
-    client = sorted(m for m, _, _ in modules("treadle.client", package_dirs()["treadle.client"]))
-    assert "treadle.client.cli" in client
+    """The base install is the SDK: every client and shared-types module imports with torch
+    and transformers made unimportable (a subprocess, so nothing already imported here can
+    hide it)."""
+    dirs = package_dirs()
+    client = sorted(
+        m for pkg in ("treadle.client", "treadle.api") for m, _, _ in modules(pkg, dirs[pkg])
+    )
+    assert {"treadle.client.cli", "treadle.api.outcome"} <= set(client)
     script = (
         "import importlib, sys\n"
         "for banned in ('torch', 'transformers'):\n"
@@ -151,3 +171,60 @@ def test_the_client_imports_neither_torch_nor_transformers() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+# What frontends may use of an engine: its read-only surface, the request calls and the
+# lifecycle. Its parts (scheduler, worker, inputs, factory, loaded model, config) are not.
+ENGINE_SURFACE = {
+    "info",
+    "tokenize",
+    "accepting",
+    "num_in_flight",
+    "num_running",
+    "num_waiting",
+    "step_observers",
+    "on_fatal",
+    "submit",
+    "abort",
+    "stream",
+    "open_stream",
+    "generate",
+    "start",
+    "stop",
+    "stop_accepting",
+    "wait_until_idle",
+}
+
+
+def engine_attributes(source: str) -> Iterator[tuple[int, str]]:
+    """(line, attribute) for every `engine.X` and `<...>.engine.X` in `source`."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", None)
+            if name == "engine":
+                yield node.lineno, node.attr
+
+
+def test_frontends_read_the_engine_only_through_its_surface() -> None:
+    from treadle.scheduler.engine import Engine
+
+    assert all(
+        hasattr(Engine, name) or name in Engine.__init__.__code__.co_names
+        for name in ENGINE_SURFACE
+    )
+    dirs = package_dirs()
+    found: list[str] = []
+    used: set[str] = set()
+    for _, _, path in modules("treadle.server", dirs["treadle.server"]):
+        for line, attr in engine_attributes(path.read_text()):
+            used.add(attr)
+            if attr not in ENGINE_SURFACE:
+                found.append(f"{path.relative_to(REPO)}:{line} reads engine.{attr}")
+    assert {"info", "open_stream", "num_running"} <= used  # the walk sees the service
+    assert not found, "frontends reaching into the engine:\n" + "\n".join(found)
+
+
+def test_a_reach_into_the_engine_is_seen() -> None:
+    source = "def f(self):\n    return self.engine.scheduler.config.max_rows\n"
+    assert "scheduler" in {attr for _, attr in engine_attributes(source)}

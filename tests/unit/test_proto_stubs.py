@@ -48,11 +48,16 @@ def test_api_reference_matches_the_proto() -> None:
 
 def test_the_wheel_ships_the_proto_beside_its_stubs(tmp_path: Path) -> None:
     """A program in another language generates its client from the installed package."""
+    import shutil
     import zipfile
 
+    # built from a copy: an in-tree build leaves build/ and an egg-info in the repository
+    source = tmp_path / "source"
+    junk = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*junk))
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
     subprocess.run(
-        [*pip_wheel, "-q", "-w", str(tmp_path), str(ROOT)],
+        [*pip_wheel, "-q", "-w", str(tmp_path), str(source)],
         check=True,
         timeout=240,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
@@ -60,5 +65,7 @@ def test_the_wheel_ships_the_proto_beside_its_stubs(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("treadle-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"treadle/v1/treadle.proto", "treadle/v1/treadle_pb2.py"} <= names
+    for package in ("api", "client", "server", "scheduler", "worker"):  # every root packaged
+        assert f"treadle/{package}/__init__.py" in names
     shipped = zipfile.ZipFile(wheel).read("treadle/v1/treadle.proto").decode()
     assert shipped == (ROOT / "proto" / "treadle" / "v1" / "treadle.proto").read_text()

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from treadle.api.outcome import FinishReason
 from treadle.scheduler.detokenizer import IncrementalDetokenizer
-from treadle.scheduler.events import Event, FinishEvent, FinishReason, TokenEvent
+from treadle.scheduler.events import Event, FinishEvent, TokenEvent
 from treadle.scheduler.request import Request, StoppingParams
 from treadle.scheduler.scheduler import InvariantError, Scheduler, SchedulerConfig
 from treadle.worker.params import SamplingParams
@@ -353,9 +354,9 @@ def test_usage_timings(h: Harness) -> None:
     usage = h.finish("a").usage
     assert usage.prompt_tokens == 4
     assert usage.generated_tokens == 3
-    assert usage.queue_s == pytest.approx(0.0)
-    assert usage.time_to_first_token_s == pytest.approx(0.0)
-    assert usage.total_s == pytest.approx(0.02)
+    assert usage.queue_seconds == pytest.approx(0.0)
+    assert usage.time_to_first_token_seconds == pytest.approx(0.0)
+    assert usage.total_seconds == pytest.approx(0.02)
 
 
 def test_prefix_cache_copies_the_shared_prefix_into_the_new_row(tokenizer: Any) -> None:

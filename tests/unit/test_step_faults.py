@@ -16,8 +16,8 @@ import pytest
 from helpers import Collected, reference_greedy
 from step_faults import GENERIC_ERROR, CheckedEngine, Fatal, break_part, fail_on_call
 
+from treadle.api.outcome import FinishReason
 from treadle.scheduler.errors import EngineUnavailableError
-from treadle.scheduler.events import FinishReason
 from treadle.scheduler.generation_request import GenerationRequest
 from treadle.scheduler.step_stats import StepStats
 from treadle.worker.loader import LoadedModel

@@ -5,6 +5,9 @@ with Client("localhost:50051") as client:
     print(client.generate("Hello", max_new_tokens=16).text)
 """
 
+from ..api.limits import RequestLimits
+from ..api.outcome import FinishReason, Usage
+from ..api.params import ChatMessage, GenerationParams, PluginRequest
 from .async_client import AsyncClient
 from .connection import TlsConfig
 from .errors import (
@@ -18,9 +21,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .limits import RequestLimits
-from .params import ChatMessage, GenerationParams, PluginRequest
-from .results import Event, Finish, FinishReason, ModelInfo, Result, TokenChunk, Usage
+from .results import Event, Finish, ModelInfo, Result, TokenChunk
 from .retry import RetryPolicy
 from .sync_client import Client
 

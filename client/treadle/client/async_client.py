@@ -12,6 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
+from ..api.checks import ParameterError, check_params
+from ..api.limits import RequestLimits
+from ..api.params import GenerationParams
 from .connection import Connection, TlsConfig
 from .convert import (
     Prompt,
@@ -21,13 +24,10 @@ from .convert import (
     result_from_proto,
 )
 from .errors import InvalidArgument, error_from_rpc
-from .limits import RequestLimits
-from .params import GenerationParams
 from .results import ModelInfo, Result
 from .retry import RetryPolicy
 from .session import AsyncSession
 from .streams import ResponseStream, raise_if_error
-from .validation import ParameterError, check_params
 
 _Response = TypeVar("_Response")
 

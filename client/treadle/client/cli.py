@@ -1,8 +1,9 @@
 """The `treadle` command.
 
 Verbs that talk to a server (generate, chat, info, health) use only the SDK
-(grpcio, protobuf); `serve` imports the server lazily, so the client install
-needs neither torch nor transformers.
+(grpcio, protobuf). `serve` goes to the server's command through the
+`treadle.commands` entry point (pyproject.toml), so the SDK never imports the
+server and the client install needs neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .params import GenerationParams, PluginRequest
+from ..api.params import GenerationParams, PluginRequest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:  # the server, imported only when asked for
-        from treadle.server.serve_cli import serve_main
-
-        return serve_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):  # gRPC core aborts on one alone
@@ -68,6 +68,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "health": commands.health,
     }
     return verbs[args.verb](args)
+
+
+def serve(argv: list[str]) -> int:
+    """`treadle serve ARGS...`: the command registered as the `serve` entry point of the
+    `treadle.commands` group (the server's), loaded only when asked for."""
+    found = entry_points(group="treadle.commands", name="serve")
+    try:
+        command = next(iter(found)).load()
+    except (StopIteration, ImportError) as e:
+        print(
+            f"treadle serve needs the server install: pip install 'treadle[server]' ({e!r})",
+            file=sys.stderr,
+        )
+        return 2
+    result: int = command(argv)
+    return result
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:

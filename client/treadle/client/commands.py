@@ -11,12 +11,13 @@ import signal
 import sys
 from typing import Any
 
+from ..api.outcome import TokenLogprob
+from ..api.params import ChatMessage, GenerationParams
 from .cli import params_from_args
 from .connection import TlsConfig
 from .convert import Prompt
 from .errors import TreadleClientError, Unauthenticated
-from .params import ChatMessage, GenerationParams
-from .results import Finish, TokenChunk, TokenLogprob
+from .results import Finish, TokenChunk
 from .streams import raise_if_error
 from .sync_client import Client
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from treadle.v1 import treadle_pb2 as pb
 
-from .params import ChatMessage, GenerationParams
+from ..api.params import ChatMessage, GenerationParams
 from .results import (
     Finish,
     FinishReason,
@@ -19,19 +19,6 @@ from .results import (
 )
 
 Prompt = str | Sequence[ChatMessage | Mapping[str, str]]  # text, or chat messages
-
-# The one table between finish reasons and the wire's (the server uses it too).
-FINISH_REASONS: dict[FinishReason, pb.FinishReason] = {
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.EOS: pb.FINISH_REASON_EOS,
-    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
-    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
-    FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
-    FinishReason.STOP_CRITERION: pb.FINISH_REASON_STOP_CRITERION,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
-}
-_REASONS = {wire: reason for reason, wire in FINISH_REASONS.items()}
 
 
 def chat_to_proto(messages: Sequence[ChatMessage | Mapping[str, str]]) -> pb.Chat:
@@ -108,11 +95,19 @@ def chunk_from_proto(request_id: str, chunk: pb.TokenChunk) -> TokenChunk:
     )
 
 
+def finish_reason_from_proto(wire: int) -> FinishReason:
+    """The wire's finish reason; one this SDK does not know (a newer server's) is ERROR."""
+    try:
+        return FinishReason.from_wire_name(pb.FinishReason.Name(wire))
+    except (KeyError, ValueError):
+        return FinishReason.ERROR
+
+
 def finish_from_proto(request_id: str, finish: pb.Finish) -> Finish:
     u = finish.usage
     return Finish(
         request_id=request_id,
-        reason=_REASONS.get(finish.reason, FinishReason.ERROR),
+        reason=finish_reason_from_proto(finish.reason),
         usage=Usage(
             prompt_tokens=u.prompt_tokens,
             cached_prompt_tokens=u.cached_prompt_tokens,

@@ -2,41 +2,9 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-
-class FinishReason(enum.Enum):
-    """Why a request ended (the wire's FinishReason, without its prefix).
-
-    The engine uses the same enum: every accepted request ends with exactly one.
-    """
-
-    LENGTH = "length"  # max_new_tokens generated
-    EOS = "eos"  # the model produced one of its EOS tokens
-    STOP_SEQUENCE = "stop_sequence"  # a stop string appeared in the text
-    STOP_TOKEN = "stop_token"  # one of the request's stop token ids was generated
-    TIME_LIMIT = "time_limit"  # max_time elapsed since the request started generating
-    STOP_CRITERION = "stop_criterion"  # a custom stopping-criterion plugin fired
-    CANCELLED = "cancelled"  # aborted by the client, its deadline, or server shutdown
-    ERROR = "error"  # this request failed; the others went on
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    generated_tokens: int
-    queue_seconds: float
-    time_to_first_token_seconds: float
-    total_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+from treadle.api.outcome import FinishReason, TokenLogprob, Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ import grpc
 
 from treadle.v1 import treadle_pb2 as pb
 
+from ..api.params import GenerationParams
 from .convert import Prompt, event_from_proto
 from .errors import Cancelled, InternalError, InvalidArgument, TreadleClientError, error_from_rpc
-from .params import GenerationParams
 from .results import Event, Finish, Result, TokenChunk
 from .streams import raise_if_error
 

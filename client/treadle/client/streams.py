@@ -10,9 +10,10 @@ import grpc
 
 from treadle.v1 import treadle_pb2 as pb
 
+from ..api.outcome import FinishReason, TokenLogprob
 from .convert import event_from_proto
 from .errors import TreadleClientError, Unavailable, error_for, error_from_number, error_from_rpc
-from .results import Event, Finish, FinishReason, Result, TokenChunk, TokenLogprob
+from .results import Event, Finish, Result, TokenChunk
 
 OpenCall = Callable[[], Any]  # () -> a grpc.aio UnaryStreamCall of GenerateEvents
 

@@ -11,10 +11,10 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
+from ..api.limits import RequestLimits
 from .async_client import AsyncClient
 from .connection import Connection, TlsConfig
 from .convert import Prompt
-from .limits import RequestLimits
 from .results import Event, ModelInfo, Result
 from .retry import RetryPolicy
 from .session import AsyncSession, SessionRequest

@@ -6,10 +6,11 @@
         ...
     engine.stop()
 
-Requests and aborts reach the step thread as messages through an inbox; the
-thread runs schedule -> execute -> update and hands each request's events to
-its sink. A request's events are delivered in order, and every accepted
-request gets exactly one terminal event, whatever fails: a failure inside a
+Requests and aborts reach the step thread as messages through an `Inbox`,
+which also keeps the registry of requests in flight; each step runs schedule
+-> execute -> update -> deliver, handing each request's events to its sink.
+A request's events are delivered in order, and every accepted request gets
+exactly one terminal event, whatever fails: a failure inside a
 step ends only the requests it touched (see `scheduler.py`), and if the step
 thread dies anyway every request in flight gets an ERROR event, the engine
 stops accepting and `on_fatal` listeners are told.
@@ -21,36 +22,31 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
+from ..api.outcome import FinishReason
 from ..worker.loader import LoadedModel, load_model
 from ..worker.plan import StepOutput, StepPlan
 from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.worker import Worker, WorkerConfig
 from .engine_config import EngineConfig
-from .errors import DuplicateRequestError, EngineUnavailableError, QueueFullError
+from .engine_info import EngineInfo
+from .errors import EngineUnavailableError, QueueFullError
 from .event_stream import DEFAULT_BACKLOG, EventStream
-from .events import CANCELLED, SHUTTING_DOWN, Ending, Event, FinishEvent, FinishReason
+from .events import CANCELLED, SHUTTING_DOWN, Ending, Event, FinishEvent
 from .generation_request import GenerationRequest
+from .inbox import Abort, Inbox
 from .inputs import InputProcessor
 from .request import EventSink, Request
 from .scheduler import Scheduler, SchedulerConfig, StepTokens, internal_error, require
-from .step_stats import StepStats
+from .step_stats import StepStats, step_stats
 from .validation import ModelLimits, RequestFactory
 
 log = logging.getLogger("treadle.engine")
-
-
-@dataclass(frozen=True, slots=True)
-class _Abort:
-    request_id: str
-    ending: Ending
 
 
 class Engine:
@@ -100,16 +96,10 @@ class Engine:
         # Called once, from the dying step thread, after every request in flight got its
         # terminal ERROR event (the server turns NOT_SERVING and exits non-zero).
         self.on_fatal: list[Callable[[BaseException], None]] = []
-        self._inbox: queue.SimpleQueue[Request | _Abort] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # the registry emptied or delivery ended
-        self._in_flight: dict[str, Request] = {}  # accepted, terminal event not produced yet
-        self._delivering = False  # the step thread is handing out events of finished requests
+        self._inbox = Inbox()
         # Events taken from the scheduler and not handed to their sinks yet (step thread
         # only): kept here, not in a local, so that `_die` still delivers them.
         self._undelivered: deque[tuple[Request, list[Event]]] = deque()
-        self._accepting = False
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -127,13 +117,12 @@ class Engine:
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="treadle-step", daemon=True)
-        self._accepting = True
+        self._inbox.open()
         self._thread.start()
 
     def stop_accepting(self) -> None:
         """Refuse new requests (EngineUnavailableError); those in flight go on."""
-        with self._lock:
-            self._accepting = False
+        self._inbox.close()
 
     def stop(self, grace: float = 0.0, timeout: float = 30.0) -> None:
         """Stop accepting; let accepted requests finish for `grace` seconds; cancel the rest.
@@ -148,7 +137,7 @@ class Engine:
         if grace > 0:
             self.wait_until_idle(grace)
         self._closing = True
-        self._wake.set()
+        self._inbox.wake()
         self._thread.join(timeout)
         self._thread = None
 
@@ -157,25 +146,51 @@ class Engine:
 
         Returns False if `timeout` seconds passed first.
         """
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: not self._in_flight and not self._delivering, timeout
-            )
+        return self._inbox.wait_until_idle(timeout)
 
-    # -- requests ---------------------------------------------------------------
+    # -- what frontends read ---------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        """The served model and the engine's limits."""
+        return EngineInfo(
+            model=self.loaded.name,
+            context_length=self.loaded.context_length,
+            max_total_tokens=self.model_limits.max_total_len,
+            vocab_size=self.loaded.vocab_size,
+            eos_token_ids=self.loaded.eos_token_ids,
+            max_batch_rows=self.scheduler.config.max_rows,
+            max_waiting=self.config.max_waiting,
+            max_prompt_chars=self.factory.max_prompt_chars,
+            plugins=tuple(self.plugins.names()),
+            has_chat_template=self.inputs.has_chat_template,
+            limits=self.config.limits,
+        )
+
+    def tokenize(self, gen: GenerationRequest) -> tuple[list[int], list[str]]:
+        """The token ids of `gen`'s input and their token strings, its size checked first
+        (raises ValidationError). Blocking: call it off the event loop."""
+        ids = self.factory.prompt_ids(gen)
+        return ids, [str(t) for t in self.inputs.tokenizer.convert_ids_to_tokens(ids)]
+
     @property
     def accepting(self) -> bool:
         """Whether `submit` takes new requests (False before `start`, and once stopping)."""
-        return self._accepting
+        return self._inbox.is_open
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._in_flight)
+        """Accepted requests whose terminal event is not produced yet."""
+        return len(self._inbox)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a row."""
+        return self.scheduler.num_running
 
     @property
     def num_waiting(self) -> int:
         """Accepted requests that do not hold a row yet."""
-        return max(0, len(self._in_flight) - self.scheduler.num_running)
+        return max(0, len(self._inbox) - self.scheduler.num_running)
 
     def submit(self, gen: GenerationRequest, sink: EventSink) -> str:
         """Validate and queue a request; its events go to `sink` from the step thread.
@@ -185,28 +200,24 @@ class Engine:
         Once it returns, the request is in flight: `stop(grace)` waits for it
         and it gets exactly one terminal event.
         """
-        if not self._accepting:
+        if not self._inbox.is_open:  # before building: refusing costs nothing
             raise EngineUnavailableError("the engine is not accepting requests")
         request_id = gen.request_id or uuid.uuid4().hex
         req = self.factory.build(gen, request_id, sink)
-        with self._lock:
-            if not self._accepting:  # stopped while the request was being built
-                raise EngineUnavailableError("the engine is not accepting requests")
-            if request_id in self._in_flight:
-                raise DuplicateRequestError(f"request_id: {request_id!r} is already in flight")
-            if self.num_waiting >= self.config.max_waiting:
+        max_waiting = self.config.max_waiting
+
+        def admit(in_flight: int) -> None:
+            if in_flight - self.scheduler.num_running >= max_waiting:
                 raise QueueFullError(
-                    f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
+                    f"the queue is full ({max_waiting} waiting requests); retry later"
                 )
-            self._in_flight[request_id] = req
-        self._inbox.put(req)
-        self._wake.set()
+
+        self._inbox.put(req, admit)
         return request_id
 
     def abort(self, request_id: str, ending: Ending = CANCELLED) -> None:
         """Ask a request to end; its row is freed on the next step. Unknown ids are ignored."""
-        self._inbox.put(_Abort(request_id, ending))
-        self._wake.set()
+        self._inbox.abort(request_id, ending)
 
     def stream(self, gen: GenerationRequest, max_backlog: int | None = None) -> EventStream:
         """Submit `gen` and return the async iterator of its events (call on the event loop).
@@ -270,8 +281,7 @@ class Engine:
         observer): the registry also holds accepted requests still in the inbox.
         """
         self.scheduler.check_invariants()
-        with self._lock:
-            registry = dict(self._in_flight)
+        registry = self._inbox.snapshot()
         for req in self.scheduler.requests():
             require(registry.get(req.request_id) is req, f"{req.request_id} is not in flight")
         for request_id, req in registry.items():
@@ -286,30 +296,21 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            self._wake.clear()
             self._drain_inbox()
             if self._closing:  # also ends requests that arrived since the stop began
                 self.scheduler.abort_all(SHUTTING_DOWN)
             if self.scheduler.has_work:
                 self._step()
             elif self.scheduler.has_events:  # waiting requests that were just cancelled
-                self._publish(StepPlan(step=self.scheduler.steps), None, StepTokens(), None)
-            elif self._closing and self._registry_empty():
+                self._publish(self._stats(StepPlan(step=self.scheduler.steps), None, None))
+            elif self._closing and not len(self._inbox):
                 return
             else:
-                self._wake.wait(timeout=1.0)
-
-    def _registry_empty(self) -> bool:
-        with self._lock:
-            return not self._in_flight
+                self._inbox.wait(timeout=1.0)
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(msg, _Abort):
+        for msg in self._inbox.take():
+            if isinstance(msg, Abort):
                 self.scheduler.abort(msg.request_id, msg.ending)
                 continue
             try:
@@ -318,62 +319,73 @@ class Engine:
                 message = internal_error(f"queueing {msg.request_id} failed")
                 finish = msg.finish(FinishReason.ERROR, time.monotonic(), message=message)
                 self._undelivered.append((msg, [finish]))
-                self._forget([msg.request_id], delivering=True)
+                self._inbox.forget([msg.request_id])
                 try:
                     self._deliver()
                 finally:
-                    self._done_delivering()
+                    self._inbox.done_delivering()
 
     def _step(self) -> None:
+        """One step: schedule -> execute -> update -> deliver. A failure ends the requests
+        it touched (all of them if scheduling failed); the engine goes on."""
         started = time.perf_counter()
+        plan = self._schedule()
+        output = self._execute(plan)
+        tokens = self._update(plan, output)
+        self._publish(self._stats(plan, output, tokens, started))
+
+    def _schedule(self) -> StepPlan:
         try:
-            plan = self.scheduler.schedule()
+            return self.scheduler.schedule()
         except Exception:  # no request explains it: end every one, keep serving
             self.scheduler.fail_all(internal_error("scheduling failed; ending every request"))
-            self._publish(StepPlan(step=self.scheduler.steps), None, StepTokens(), started)
-            return
-        output, tokens = (None, StepTokens()) if plan.is_empty else self._run_plan(plan)
-        self._publish(plan, output, tokens, started)
+            return StepPlan(step=self.scheduler.steps)
 
-    def _run_plan(self, plan: StepPlan) -> tuple[StepOutput | None, StepTokens]:
-        """Execute and apply one plan; a failure ends the plan's rows, the queue goes on."""
+    def _execute(self, plan: StepPlan) -> StepOutput | None:
+        """The worker's output; None for an empty plan or when the worker failed it."""
+        if plan.is_empty:
+            return None
         try:
-            output = self.worker.execute(plan)
+            return self.worker.execute(plan)
         except Exception:
             self.scheduler.fail(plan, internal_error(f"step {plan.step} failed in the worker"))
-            return None, StepTokens()
+            return None
+
+    def _update(self, plan: StepPlan, output: StepOutput | None) -> StepTokens:
+        if output is None:
+            return StepTokens()
         try:
-            return output, self.scheduler.update(plan, output)
+            return self.scheduler.update(plan, output)
         except Exception:
             self.scheduler.fail(plan, internal_error(f"step {plan.step} failed in update"))
-            return output, StepTokens()
+            return StepTokens()
 
-    def _publish(
+    def _stats(
         self,
         plan: StepPlan,
         output: StepOutput | None,
-        tokens: StepTokens,
-        started: float | None,
-    ) -> None:
+        tokens: StepTokens | None,
+        started: float | None = None,
+    ) -> StepStats:
+        """The step's figures; its finished requests are filled in by `_publish`."""
+        seconds = time.perf_counter() - started if started is not None else 0.0
+        return step_stats(
+            plan,
+            output,
+            tokens or StepTokens(),
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
+            step_seconds=seconds,
+        )
+
+    def _publish(self, stats: StepStats) -> None:
         """Hand the scheduler's events out: registry first, then observers, then clients."""
         outbox = self.scheduler.take_events()
         self._undelivered.extend(outbox)
         finished = [events[-1] for _, events in outbox if isinstance(events[-1], FinishEvent)]
-        self._forget([e.request_id for e in finished], delivering=True)
-        stats = StepStats(
-            step=plan.step,
-            decode_rows=len(plan.decode),
-            prefill_rows=len(plan.prefill),
-            prefill_tokens=plan.num_tokens - len(plan.decode),
-            forward_s=output.forward_s if output else 0.0,
-            process_s=output.process_s if output else 0.0,
-            step_s=time.perf_counter() - started if started is not None else 0.0,
-            running=self.scheduler.num_running,
-            waiting=self.scheduler.num_waiting,
-            generated_tokens=tokens.count,
-            inter_token_s=tokens.inter_token_s,
-            finished=finished,
-        )
+        stats.finished.extend(finished)
+        if finished:  # before delivery: a client may reuse an id once it sees its finish
+            self._inbox.forget([e.request_id for e in finished])
         try:
             for observe in self.step_observers:  # before delivery: metrics never lag the clients
                 try:
@@ -382,21 +394,8 @@ class Engine:
                     log.exception("a step observer failed")
             self._deliver()
         finally:
-            self._done_delivering()
-
-    def _forget(self, request_ids: list[str], delivering: bool = False) -> None:
-        """Take finished requests out of the in-flight registry (before their events go out,
-        so a client may reuse an id as soon as it sees its finish)."""
-        with self._changed:
-            for request_id in request_ids:
-                self._in_flight.pop(request_id, None)
-            self._delivering = delivering
-            self._changed.notify_all()
-
-    def _done_delivering(self) -> None:
-        with self._changed:
-            self._delivering = False
-            self._changed.notify_all()
+            if finished:
+                self._inbox.done_delivering()
 
     def _deliver(self, survive: type[BaseException] = Exception) -> None:
         """Hand the undelivered events to their sinks, oldest first.
@@ -423,10 +422,7 @@ class Engine:
         """
         message = internal_error("the step thread died; ending every request in flight")
         log.critical("the engine stopped serving: %s", message)
-        with self._changed:
-            self._accepting = False
-            self._delivering = True
-            in_flight = list(self._in_flight.values())
+        in_flight = self._inbox.fail()
         with contextlib.suppress(BaseException):
             self._undelivered.extend(self.scheduler.take_events())
         # by identity: an id whose finish is undelivered may be in flight again (reused)
@@ -440,10 +436,7 @@ class Engine:
                     (req, [req.finish(FinishReason.ERROR, now, message=message)])
                 )
         self._deliver(survive=BaseException)
-        with self._changed:
-            self._in_flight.clear()
-            self._delivering = False
-            self._changed.notify_all()
+        self._inbox.clear()
         for listener in list(self.on_fatal):
             try:
                 listener(exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..client.limits import RequestLimits
+from ..api.limits import RequestLimits
 
 DEFAULT_PRIORITY_STEP_S = 10.0  # seconds of waiting one priority step is worth (ageing)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ..client.results import FinishReason
-from ..worker.plan import TokenLogprobs
+from ..api.outcome import FinishReason, TokenLogprob, Usage
 
 
 class Cause(enum.Enum):
@@ -33,25 +32,13 @@ SLOW_READER = Ending(FinishReason.CANCELLED, Cause.SLOW_READER.value, Cause.SLOW
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
-    """Counts and timings of a finished request (seconds)."""
-
-    prompt_tokens: int
-    cached_prompt_tokens: int  # prompt tokens whose KV came from the prefix cache
-    generated_tokens: int
-    queue_s: float  # arrival to admission (0 if never admitted)
-    time_to_first_token_s: float | None  # arrival to first token; None if none
-    total_s: float  # arrival to finish
-
-
-@dataclass(frozen=True, slots=True)
 class TokenEvent:
     """Tokens generated this step and the text they released."""
 
     request_id: str
     token_ids: tuple[int, ...]
     text: str  # newly released text; "" while it is held back (partial UTF-8 or stop string)
-    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when asked for
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,14 @@
 Plain data; the gRPC frontend converts protobuf messages into this at the
 edge. `validation.py` checks it against the model and the server's limits and
 turns it into the scheduler's `Request`. The parameters are the SDK's own
-`GenerationParams` (declared once, in client/params.py).
+`GenerationParams` (declared once, in api/treadle/api/params.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..client.params import ChatMessage, GenerationParams, PluginRequest
+from ..api.params import ChatMessage, GenerationParams, PluginRequest
 
 __all__ = ["ChatMessage", "GenerationRequest", "PluginRequest"]
 

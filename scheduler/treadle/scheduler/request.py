@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..api.outcome import FinishReason, Usage
 from ..worker.params import SamplingParams
 from ..worker.plan import RowInput, RowOutput
 from .detokenizer import IncrementalDetokenizer
-from .events import Cause, Ending, Event, FinishEvent, FinishReason, TokenEvent, Usage
+from .events import Cause, Ending, Event, FinishEvent, TokenEvent
 from .stop_strings import StopStringMatcher
 
 EventSink = Callable[[list[Event]], None]  # receives a request's events of one step, in order
@@ -173,11 +174,13 @@ class Request:
             prompt_tokens=self.prompt_len,
             cached_prompt_tokens=self.cached_len,
             generated_tokens=self.num_generated,
-            queue_s=(self.admitted_at - self.arrival) if self.admitted_at is not None else 0.0,
-            time_to_first_token_s=(
+            queue_seconds=(self.admitted_at - self.arrival)
+            if self.admitted_at is not None
+            else 0.0,
+            time_to_first_token_seconds=(
                 self.first_token_at - self.arrival if self.first_token_at is not None else None
             ),
-            total_s=now - self.arrival,
+            total_seconds=now - self.arrival,
         )
 
     # -- stopping rules, in DESIGN order ---------------------------------------

@@ -45,10 +45,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..api.outcome import FinishReason
 from ..worker.plan import RowInput, RowMove, RowOutput, StepOutput, StepPlan
 from .engine_config import DEFAULT_PRIORITY_STEP_S
 from .errors import log_internal_error
-from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event, FinishReason
+from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 from .row_table import RowTable

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..worker.plan import StepOutput, StepPlan
 from .events import FinishEvent
+from .scheduler import StepTokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,3 +28,29 @@ class StepStats:
     def outside_forward_s(self) -> float:
         """The scheduler's share: everything in the step but the model forward."""
         return self.step_s - self.forward_s
+
+
+def step_stats(
+    plan: StepPlan,
+    output: StepOutput | None,
+    tokens: StepTokens,
+    *,
+    running: int,
+    waiting: int,
+    step_seconds: float,
+) -> StepStats:
+    """The figures of a step from its plan, the worker's output (None when it produced
+    none) and the tokens the update accepted; `finished` is left for the caller."""
+    return StepStats(
+        step=plan.step,
+        decode_rows=len(plan.decode),
+        prefill_rows=len(plan.prefill),
+        prefill_tokens=plan.num_tokens - len(plan.decode),
+        forward_s=output.forward_s if output else 0.0,
+        process_s=output.process_s if output else 0.0,
+        step_s=step_seconds,
+        running=running,
+        waiting=waiting,
+        generated_tokens=tokens.count,
+        inter_token_s=tokens.inter_token_s,
+    )

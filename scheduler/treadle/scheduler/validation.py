@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..client.limits import RequestLimits
-from ..client.validation import ParameterError, check_params, check_seconds
+from ..api.checks import ParameterError, check_params, check_seconds
+from ..api.limits import RequestLimits
 from ..worker.params import LogprobsParams, SamplingParams
 from ..worker.plugins import PluginRegistry
 from ..worker.plugins.base import PluginArgumentError, PluginBinding, PluginContext

@@ -107,11 +107,10 @@ class ServerMetrics:
     def attach(self, engine: Engine) -> None:
         """Follow `engine`: state gauges read it at scrape time, steps feed the rest."""
         self.queue_depth.set_function(lambda: engine.num_waiting)
-        self.running.set_function(lambda: engine.scheduler.num_running)
-        self.kv_rows.set(engine.scheduler.config.max_rows)
-        self.kv_usage.set_function(
-            lambda: engine.scheduler.num_running / engine.scheduler.config.max_rows
-        )
+        rows = engine.info.max_batch_rows
+        self.running.set_function(lambda: engine.num_running)
+        self.kv_rows.set(rows)
+        self.kv_usage.set_function(lambda: engine.num_running / rows)
         engine.step_observers.append(self.observe_step)
 
     def observe_step(self, stats: StepStats) -> None:
@@ -129,10 +128,10 @@ class ServerMetrics:
             usage = event.usage
             self.finished.labels(reason=event.reason.value).inc()
             self.prompt_tokens.inc(usage.prompt_tokens)
-            self.e2e.observe(usage.total_s)
-            if usage.time_to_first_token_s is not None:
-                self.ttft.observe(usage.time_to_first_token_s)
-                self.queue_time.observe(usage.queue_s)
+            self.e2e.observe(usage.total_seconds)
+            if usage.time_to_first_token_seconds is not None:
+                self.ttft.observe(usage.time_to_first_token_seconds)
+                self.queue_time.observe(usage.queue_seconds)
 
     def count_error(self, code_name: str) -> None:
         """A request refused or failed with this status code (e.g. "INVALID_ARGUMENT")."""

@@ -6,13 +6,12 @@ from typing import Any
 
 from treadle.v1 import treadle_pb2 as pb
 
-from ..client.convert import FINISH_REASONS
-from ..client.limits import RequestLimits
+from ..api.limits import RequestLimits
+from ..api.outcome import FinishReason, TokenLogprob, Usage
 from ..scheduler.errors import ValidationError
-from ..scheduler.events import FinishEvent, FinishReason, TokenEvent, Usage
+from ..scheduler.events import FinishEvent, TokenEvent
 from ..scheduler.generation_request import ChatMessage, GenerationRequest, PluginRequest
 from ..scheduler.validation import check_request_id
-from ..worker.plan import TokenLogprobs
 from .bounded_json import JsonLimitError, loads_bounded
 
 # The engine's parameter names that differ from the wire's; the others are the same words.
@@ -108,7 +107,7 @@ def _plugin(index: int, plugin: pb.Plugin, limits: RequestLimits) -> PluginReque
     return PluginRequest(name=plugin.name, args=args)
 
 
-def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprob:
+def logprobs_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(
         token_id=lp.token_id,
         logprob=lp.logprob,
@@ -129,16 +128,16 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
         prompt_tokens=usage.prompt_tokens,
         cached_prompt_tokens=usage.cached_prompt_tokens,
         generated_tokens=usage.generated_tokens,
-        queue_seconds=usage.queue_s,
-        time_to_first_token_seconds=usage.time_to_first_token_s or 0.0,
-        total_seconds=usage.total_s,
+        queue_seconds=usage.queue_seconds,
+        time_to_first_token_seconds=usage.time_to_first_token_seconds or 0.0,
+        total_seconds=usage.total_seconds,
     )
 
 
 def finish_to_proto(event: FinishEvent, error_code: int) -> pb.Finish:
     """The wire Finish; `error_code` is the status code number reported with an ERROR."""
     finish = pb.Finish(
-        reason=FINISH_REASONS[event.reason],
+        reason=pb.FinishReason.Value(event.reason.wire_name),
         stop_sequence=event.stop_sequence or "",
         usage=usage_to_proto(event.usage),
     )

@@ -46,8 +46,8 @@ def _flag(
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the serve flags; defaults come from TREADLE_* environment variables."""
-    engine = EngineConfig()
-    limits = engine.limits
+    defaults = EngineConfig()
+    limits = defaults.limits
     for flag, kind, default, help in (
         (
             "--model",
@@ -57,7 +57,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             "(default: the embedded SmolLM2-135M-Instruct)",
         ),
         ("--device", str, None, "cpu or cuda (default: cuda when available)"),
-        ("--max-batch-rows", int, engine.max_batch_rows, "sequences running at once (KV rows)"),
+        ("--max-batch-rows", int, defaults.max_batch_rows, "sequences running at once (KV rows)"),
         (
             "--max-seq-len",
             int,
@@ -68,25 +68,25 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         (
             "--prefill-token-budget",
             int,
-            engine.prefill_token_budget,
+            defaults.prefill_token_budget,
             "prompt tokens admitted per step",
         ),
         (
             "--max-waiting",
             int,
-            engine.max_waiting,
+            defaults.max_waiting,
             "queued requests beyond which new ones are refused",
         ),
         (
             "--prefix-cache-rows",
             int,
-            engine.prefix_cache_rows,
+            defaults.prefix_cache_rows,
             "spare KV rows caching recent prompts for prefix reuse; 0 = off",
         ),
         (
             "--priority-step",
             positive_seconds,
-            engine.priority_step_s,
+            defaults.priority_step_s,
             "seconds of waiting worth one request priority step: a waiting request "
             "overtakes one that arrived N x this later with N more priority (no starvation)",
         ),

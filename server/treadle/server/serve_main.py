@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from ..client.limits import RequestLimits
+from ..api.limits import RequestLimits
 from ..scheduler.engine import Engine, EngineConfig
 from ..worker.loader import DEFAULT_MODEL, ModelNotFoundError
 from ..worker.plugins import PluginRegistry, default_registry

@@ -151,7 +151,7 @@ class TreadleServer:
         if self.failed.is_set():  # died during the warm-up
             return
         await self._set_health(SERVING)
-        log.info("serving %s", engine.loaded.name)
+        log.info("serving %s", engine.info.model)
 
     async def lame_duck(self) -> None:
         """NOT_SERVING and UNAVAILABLE for new calls; running ones finish within the grace period.
@@ -297,7 +297,8 @@ def _read_pem(path: Path, flag: str, marker: bytes, what: str) -> bytes:
 
 async def _warm_up(engine: Engine) -> None:
     """One tiny request through the whole path, so the first client pays no first-call costs."""
-    eos = engine.loaded.eos_token_ids[0] if engine.loaded.eos_token_ids else 0
+    eos_ids = engine.info.eos_token_ids
+    eos = eos_ids[0] if eos_ids else 0
     warm = GenerationRequest(prompt_token_ids=[eos], max_new_tokens=2, ignore_eos=True)
     async for _ in engine.generate(warm):
         pass

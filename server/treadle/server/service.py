@@ -27,7 +27,7 @@ import grpc
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
-from ..client.limits import RequestLimits
+from ..api.limits import RequestLimits
 from ..scheduler.engine import Engine
 from ..scheduler.errors import (
     DuplicateRequestError,
@@ -107,20 +107,20 @@ class GenerationService(pb_grpc.GenerationServicer):
             yield event
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: Any) -> pb.ModelInfoResponse:
-        engine = await self._engine(context)
+        info = (await self._engine(context)).info
         return pb.ModelInfoResponse(
-            model=engine.loaded.name,
-            context_length=engine.loaded.context_length,
-            max_total_tokens=engine.model_limits.max_total_len,
-            vocab_size=engine.loaded.vocab_size,
-            eos_token_ids=engine.loaded.eos_token_ids,
-            max_batch_rows=engine.scheduler.config.max_rows,
-            max_waiting=engine.config.max_waiting,
+            model=info.model,
+            context_length=info.context_length,
+            max_total_tokens=info.max_total_tokens,
+            vocab_size=info.vocab_size,
+            eos_token_ids=info.eos_token_ids,
+            max_batch_rows=info.max_batch_rows,
+            max_waiting=info.max_waiting,
             max_request_bytes=self.max_request_bytes,
-            plugins=engine.plugins.names(),
-            has_chat_template=engine.inputs.has_chat_template,
-            max_prompt_chars=engine.factory.max_prompt_chars,  # derived when not set
-            **_reported_limits(engine.config.limits),
+            plugins=info.plugins,
+            has_chat_template=info.has_chat_template,
+            max_prompt_chars=info.max_prompt_chars,  # derived when not set
+            **_reported_limits(info.limits),
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
@@ -149,7 +149,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise EngineUnavailableError("the model is still loading")
         remaining = context.time_remaining()  # the call's deadline, handed to the engine
         deadline = None if remaining is None else max(remaining, 1e-3)
-        limits = engine.config.limits
+        limits = engine.info.limits
         gen = await asyncio.to_thread(request_from_proto, request, limits, deadline)
         return await engine.open_stream(gen, max_backlog=limits.max_stream_backlog)
 
@@ -257,7 +257,7 @@ class _Session:
     async def _start(self, request: pb.GenerateRequest) -> None:
         client_id = request.request_id
         try:
-            limits = self.service.engine.config.limits if self.service.engine else None
+            limits = self.service.engine.info.limits if self.service.engine else None
             if not client_id:
                 raise ValidationError("request_id", "is required in a Session")
             if limits is not None:
@@ -331,13 +331,11 @@ def _reported_limits(limits: RequestLimits) -> dict[str, int]:
 def _tokenize(engine: Engine, request: pb.TokenizeRequest) -> tuple[list[int], list[str]]:
     """The token ids of a Tokenize input and their token strings (runs off the event loop)."""
     kind = request.WhichOneof("input")
-    limits = engine.config.limits
     gen = GenerationRequest(
         prompt=request.prompt if kind == "prompt" else None,
-        messages=chat_from_proto(request.chat, limits) if kind == "chat" else None,
+        messages=chat_from_proto(request.chat, engine.info.limits) if kind == "chat" else None,
     )
-    ids = engine.factory.prompt_ids(gen)
-    return ids, [str(t) for t in engine.inputs.tokenizer.convert_ids_to_tokens(ids)]
+    return engine.tokenize(gen)
 
 
 # Outcomes that end a one-request call with their status instead of a Finish.

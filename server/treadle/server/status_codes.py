@@ -16,6 +16,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from ..api.outcome import FinishReason
 from ..scheduler.errors import (
     DuplicateRequestError,
     EngineUnavailableError,
@@ -23,7 +24,7 @@ from ..scheduler.errors import (
     SessionLimitError,
     ValidationError,
 )
-from ..scheduler.events import Cause, FinishEvent, FinishReason
+from ..scheduler.events import Cause, FinishEvent
 
 _BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..api.outcome import TokenLogprob
 from .params import SamplingParams
 
 
@@ -70,21 +71,12 @@ class StepPlan:
         return not self.decode and not self.prefill
 
 
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """Log-probability of the chosen token and of the `top_n` most likely ones."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
 @dataclass(slots=True)
 class RowOutput:
     """What one row produced this step."""
 
     token_id: int  # the chosen next token (-1 when `error` is set)
-    logprobs: TokenLogprobs | None = None  # when the request asked for them
+    logprobs: TokenLogprob | None = None  # when the request asked for them
     stop: bool = False  # a custom stopping criterion of the request fired
     error: str | None = None  # this row failed (a plugin raised); the others are unaffected
 

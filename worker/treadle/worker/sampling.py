@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import RowInput, TokenLogprobs
+from ..api.outcome import TokenLogprob
+from .plan import RowInput
 from .processors.rows import row_index
 
 _MASK64 = (1 << 64) - 1
@@ -27,7 +28,7 @@ class Choice:
     """The chosen tokens of a step."""
 
     token_ids: torch.Tensor  # [N] long
-    logprobs: list[TokenLogprobs | None]  # per row; None unless rows[i].params.logprobs is set
+    logprobs: list[TokenLogprob | None]  # per row; None unless rows[i].params.logprobs is set
     errors: dict[int, str]  # row -> why it has no token (its constraints rule out every one)
 
 
@@ -64,7 +65,7 @@ class Sampler:
                 token_ids[index] = scores.index_select(0, index).argmax(dim=1)
             index = row_index(sampled, scores.device)
             token_ids[index] = self._sample(scores, rows, sampled)
-        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
         if any(r.params.logprobs is not None for r in rows):
             logprobs = token_logprobs(raw_logits, scores, token_ids, rows)
         return Choice(token_ids, logprobs, _impossible(scores, token_ids))
@@ -101,10 +102,10 @@ def token_logprobs(
     scores: torch.Tensor,
     token_ids: torch.Tensor,
     rows: Sequence[RowInput],
-) -> list[TokenLogprobs | None]:
+) -> list[TokenLogprob | None]:
     """Logprobs of the chosen `token_ids` `[N]` and the `top_n` most likely tokens,
     for the rows that asked; from `raw_logits` or, with `processed`, `scores` `[N, V]`."""
-    out: list[TokenLogprobs | None] = [None] * len(rows)
+    out: list[TokenLogprob | None] = [None] * len(rows)
     for processed in (False, True):
         idx = [
             i
@@ -127,7 +128,7 @@ def token_logprobs(
             top_values, top_ids = top.values.tolist(), top.indices.tolist()
         for j, i in enumerate(idx):
             k = top_ns[j]
-            out[i] = TokenLogprobs(
+            out[i] = TokenLogprob(
                 token_id=chosen_list[j],
                 logprob=chosen[j],
                 top=tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)),

@@ -1,0 +1,28 @@
+"""What a frontend may read of an engine: the model and the limits it enforces.
+
+Frontends (the gRPC service, metrics, the `serve` command) see the engine
+through `Engine.info` and its live counters, never through its parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..api.limits import RequestLimits
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """The served model and the limits of the engine serving it."""
+
+    model: str  # the model's name, as loaded
+    context_length: int  # positions the model supports
+    max_total_tokens: int  # prompt + generated tokens one request may hold
+    vocab_size: int  # width of the model's logits
+    eos_token_ids: tuple[int, ...]  # every id that ends generation
+    max_batch_rows: int  # requests running at once
+    max_waiting: int  # accepted requests waiting for a row; more are refused
+    max_prompt_chars: int  # characters of a prompt or chat, checked before tokenizing
+    plugins: tuple[str, ...]  # names of the registered plugins, sorted
+    has_chat_template: bool  # whether chat input is accepted
+    limits: RequestLimits  # the per-request limits
