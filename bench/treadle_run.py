@@ -157,7 +157,7 @@ def check_outcomes(outcomes: list[Outcome], workload: Workload) -> int:
 
 def summarize_steps(steps: list[StepStats]) -> dict[str, Any]:
     """Step count, mean decode batch, and the share of step time outside the model forward."""
-    step_s = sum(s.step_s for s in steps)
+    step_s = sum(s.step_seconds for s in steps)
     decode = [s.decode_rows for s in steps if s.decode_rows > 0]
     return {
         "steps": len(steps),
@@ -166,10 +166,12 @@ def summarize_steps(steps: list[StepStats]) -> dict[str, Any]:
         "mean_decode_batch": round(sum(decode) / len(decode), 2) if decode else 0.0,
         "mean_step_ms": round(1000 * step_s / len(steps), 3) if steps else 0.0,
         "step_s": round(step_s, 4),
-        "forward_s": round(sum(s.forward_s for s in steps), 4),
-        "process_s": round(sum(s.process_s for s in steps), 4),
+        "forward_seconds": round(sum(s.forward_seconds for s in steps), 4),
+        "process_seconds": round(sum(s.process_seconds for s in steps), 4),
         # the goal's "scheduler share": everything in a step but the model forward
-        "scheduler_share": sum(s.outside_forward_s for s in steps) / step_s if step_s else 0.0,
+        "scheduler_share": (
+            sum(s.outside_forward_seconds for s in steps) / step_s if step_s else 0.0
+        ),
     }
 
 

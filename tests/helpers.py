@@ -206,7 +206,7 @@ def decode_row(
 ) -> RowInput:
     """Row `i` of a decode step whose history is `token_ids` (the first `prompt_len` the prompt)."""
     return RowInput(
-        key=f"r{i}",
+        request_id=f"r{i}",
         row=i,
         input_ids=token_ids[-1:],
         start=len(token_ids) - 1,

@@ -156,7 +156,7 @@ def test_cancel_frees_the_row_and_the_others_are_unaffected(tiny: LoadedModel) -
         if step == 5:
             assert engine.scheduler.abort("c0")
         plan = engine.scheduler.schedule()
-        rows_seen.append({r.key: r.row for r in plan.rows})
+        rows_seen.append({r.request_id: r.row for r in plan.rows})
         if plan.is_empty:
             break
         engine.scheduler.update(plan, engine.worker.execute(plan))
@@ -294,7 +294,7 @@ def test_step_stats_are_observed(tiny: LoadedModel) -> None:
         engine.stop()
     assert got.finish.usage.generated_tokens == 5
     assert sum(s.generated_tokens for s in seen) == 5
-    assert all(s.forward_s <= s.step_s for s in seen)
+    assert all(s.forward_seconds <= s.step_seconds for s in seen)
 
 
 def test_prefix_cache_hits_give_the_same_tokens(tiny: LoadedModel) -> None:

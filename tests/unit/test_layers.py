@@ -226,5 +226,5 @@ def test_frontends_read_the_engine_only_through_its_surface() -> None:
 
 
 def test_a_reach_into_the_engine_is_seen() -> None:
-    source = "def f(self):\n    return self.engine.scheduler.config.max_rows\n"
+    source = "def f(self):\n    return self.engine.scheduler.config.max_batch_rows\n"
     assert "scheduler" in {attr for _, attr in engine_attributes(source)}

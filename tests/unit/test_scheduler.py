@@ -37,10 +37,10 @@ class FakeWorker:
         self.plans.append(plan)
         rows = []
         for r in plan.rows:
-            if r.key in self.errors:
-                rows.append(RowOutput(token_id=-1, error=self.errors[r.key]))
+            if r.request_id in self.errors:
+                rows.append(RowOutput(token_id=-1, error=self.errors[r.request_id]))
             else:
-                rows.append(RowOutput(token_id=self.scripts[r.key][r.num_generated]))
+                rows.append(RowOutput(token_id=self.scripts[r.request_id][r.num_generated]))
         return StepOutput(rows=rows)
 
 
@@ -100,7 +100,7 @@ class Harness:
 
 @pytest.fixture
 def h(tokenizer: Any) -> Harness:
-    return Harness(tokenizer, max_rows=2, max_seq_len=64, prefill_token_budget=100)
+    return Harness(tokenizer, max_batch_rows=2, max_seq_len=64, prefill_token_budget=100)
 
 
 def words(tokenizer: Any, text: str) -> list[int]:
@@ -112,7 +112,7 @@ def test_admission_is_bounded_by_free_rows_and_evicted_rows_are_reused(h: Harnes
     h.add("b", [20, 21, 22, 23], max_new=4)
     h.add("c", [30, 31], max_new=2)
     first = h.step()
-    assert [r.key for r in first.prefill] == ["a", "b"]  # two rows only
+    assert [r.request_id for r in first.prefill] == ["a", "b"]  # two rows only
     assert h.scheduler.num_waiting == 1
     h.step()  # a generates its 2nd token and finishes; its row 0 is freed at once
     assert h.finish("a").reason is FinishReason.LENGTH
@@ -120,8 +120,8 @@ def test_admission_is_bounded_by_free_rows_and_evicted_rows_are_reused(h: Harnes
     # b moved from row 1 into the freed row 0; c is admitted into row 1 in the same step
     assert [(m.src, m.dst) for m in third.moves] == [(1, 0)]
     assert third.moves[0].length == h.scheduler.get("b").kv_len - 1  # type: ignore[union-attr]
-    assert [(r.key, r.row) for r in third.decode] == [("b", 0)]
-    assert [(r.key, r.row) for r in third.prefill] == [("c", 1)]
+    assert [(r.request_id, r.row) for r in third.decode] == [("b", 0)]
+    assert [(r.request_id, r.row) for r in third.prefill] == [("c", 1)]
     while h.scheduler.has_work:
         h.step()
     assert h.tokens("b") == [20, 21, 22, 23]
@@ -135,14 +135,14 @@ def test_priority_then_arrival_order(h: Harness) -> None:
     h.add("mid", [5], max_new=1, priority=1)
     admitted = []
     for _ in range(4):
-        admitted += [r.key for r in h.step().prefill]
+        admitted += [r.request_id for r in h.step().prefill]
     assert admitted == ["high", "mid", "low", "low2"]
 
 
 def test_priority_is_worth_priority_step_s_seconds_of_waiting(tokenizer: Any) -> None:
-    h = Harness(tokenizer, max_rows=1, max_seq_len=64, priority_step_s=1.0)
+    h = Harness(tokenizer, max_batch_rows=1, max_seq_len=64, priority_step=1.0)
     h.add("busy", [5, 5, 5], max_new=3)
-    assert [r.key for r in h.step().prefill] == ["busy"]  # it holds the only row meanwhile
+    assert [r.request_id for r in h.step().prefill] == ["busy"]  # it holds the only row meanwhile
     h.add("early", [5], max_new=1, priority=0)
     h.clock.now += 0.5  # less than one step later: one more priority overtakes
     h.add("close", [5], max_new=1, priority=1)
@@ -150,7 +150,7 @@ def test_priority_is_worth_priority_step_s_seconds_of_waiting(tokenizer: Any) ->
     h.add("late", [5], max_new=1, priority=1)
     admitted = []
     for _ in range(6):
-        admitted += [r.key for r in h.step().prefill]
+        admitted += [r.request_id for r in h.step().prefill]
     assert admitted == ["close", "early", "late"]
 
 
@@ -158,14 +158,14 @@ def test_a_flood_at_the_highest_priority_cannot_starve_a_priority_0_request(
     tokenizer: Any,
 ) -> None:
     step_s = 0.1
-    h = Harness(tokenizer, max_rows=1, max_seq_len=64, priority_step_s=step_s)
+    h = Harness(tokenizer, max_batch_rows=1, max_seq_len=64, priority_step=step_s)
     low = h.add("low", [5], max_new=1, priority=0)
     flood: dict[str, Request] = {}
     admitted: list[str] = []
     for i in range(1000):  # bounded: without ageing "low" would never run
         rid = f"flood{i}"  # one more each step: as fast as one row serves them
         flood[rid] = h.add(rid, [5], max_new=1, priority=10)
-        admitted += [r.key for r in h.step().prefill]
+        admitted += [r.request_id for r in h.step().prefill]
         if "low" in admitted:
             break
     assert "low" in admitted
@@ -178,18 +178,18 @@ def test_a_flood_at_the_highest_priority_cannot_starve_a_priority_0_request(
 
 def test_priority_step_must_be_positive(tokenizer: Any) -> None:
     for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="priority_step_s"):
-            Harness(tokenizer, priority_step_s=bad)
+        with pytest.raises(ValueError, match="priority_step"):
+            Harness(tokenizer, priority_step=bad)
 
 
 def test_prefill_budget_limits_admissions_but_never_starves(tokenizer: Any) -> None:
-    h = Harness(tokenizer, max_rows=8, max_seq_len=64, prefill_token_budget=10)
+    h = Harness(tokenizer, max_batch_rows=8, max_seq_len=64, prefill_token_budget=10)
     h.add("big", [1, 1], prompt_len=30, max_new=2)  # over the budget on its own
     h.add("a", [1, 1], prompt_len=6, max_new=2)
     h.add("b", [1, 1], prompt_len=6, max_new=2)
-    assert [r.key for r in h.step().prefill] == ["big"]
-    assert [r.key for r in h.step().prefill] == ["a"]  # 6 + 6 > 10
-    assert [r.key for r in h.step().prefill] == ["b"]
+    assert [r.request_id for r in h.step().prefill] == ["big"]
+    assert [r.request_id for r in h.step().prefill] == ["a"]  # 6 + 6 > 10
+    assert [r.request_id for r in h.step().prefill] == ["b"]
 
 
 def test_eos_and_stop_token_and_length(h: Harness) -> None:
@@ -265,9 +265,9 @@ def test_cancel_running_frees_its_row_and_others_continue(h: Harness) -> None:
     assert h.scheduler.abort("a")
     plan = h.step()
     assert h.finish("a").reason is FinishReason.CANCELLED
-    assert [r.key for r in plan.decode] == ["b"]  # b moved into a's row 0
+    assert [r.request_id for r in plan.decode] == ["b"]  # b moved into a's row 0
     assert [(m.src, m.dst) for m in plan.moves] == [(1, 0)]
-    assert [r.key for r in plan.prefill] == ["c"]
+    assert [r.request_id for r in plan.prefill] == ["c"]
     while h.scheduler.has_work:
         h.step()
     assert h.tokens("b") == [4] * 5 and h.tokens("c") == [3] * 3
@@ -299,7 +299,7 @@ def test_an_id_reused_after_a_cancel_admits_only_the_new_request(h: Harness) -> 
     assert h.scheduler.num_waiting == 2
     admitted = []
     for _ in range(20):  # bounded: a and b finish, then x and the new w run
-        admitted += [r for r in h.step().prefill if r.key == "w"]
+        admitted += [r for r in h.step().prefill if r.request_id == "w"]
         if new.status.name == "FINISHED":
             break
     assert len(admitted) == 1 and admitted[0].prompt_len == 6  # the new request's prompt
@@ -362,7 +362,7 @@ def test_usage_timings(h: Harness) -> None:
 def test_prefix_cache_copies_the_shared_prefix_into_the_new_row(tokenizer: Any) -> None:
     h = Harness(
         tokenizer,
-        max_rows=2,
+        max_batch_rows=2,
         max_seq_len=64,
         prefill_token_budget=100,
         prefix_cache_rows=1,
@@ -379,7 +379,7 @@ def test_prefix_cache_copies_the_shared_prefix_into_the_new_row(tokenizer: Any) 
     # a's prompt was saved into the spare row at the start of this step, then b copied 10 of it
     assert [(m.src, m.dst, m.length) for m in plan.moves] == [(0, spare, 10), (spare, 1, 10)]
     (pre,) = plan.prefill
-    assert pre.key == "b" and pre.start == 10 and list(pre.input_ids) == [7, 8]
+    assert pre.request_id == "b" and pre.start == 10 and list(pre.input_ids) == [7, 8]
     while h.scheduler.has_work:
         h.step()
     assert h.finish("b").usage.cached_prompt_tokens == 10

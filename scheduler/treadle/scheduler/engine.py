@@ -69,25 +69,25 @@ class Engine:
         self.worker = Worker(
             loaded,
             WorkerConfig(
-                max_rows=config.max_batch_rows,
+                max_batch_rows=config.max_batch_rows,
                 max_seq_len=config.max_seq_len,
                 seed=config.seed,
-                spare_rows=config.prefix_cache_rows,
+                prefix_cache_rows=config.prefix_cache_rows,
             ),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_rows=self.worker.max_rows,
+                max_batch_rows=self.worker.max_batch_rows,
                 max_seq_len=self.worker.max_seq_len,
                 prefill_token_budget=config.prefill_token_budget,
                 prefix_cache_rows=config.prefix_cache_rows,
-                priority_step_s=config.priority_step_s,
+                priority_step=config.priority_step,
             )
         )
         self.plugins = plugins or default_registry()
         self.model_limits = ModelLimits(
             vocab_size=loaded.vocab_size,
-            max_total_len=self.worker.max_seq_len,
+            max_total_tokens=self.worker.max_seq_len,
             eos_token_ids=loaded.eos_token_ids,
         )
         self.inputs = InputProcessor(loaded.tokenizer, loaded.vocab_size)
@@ -155,10 +155,10 @@ class Engine:
         return EngineInfo(
             model=self.loaded.name,
             context_length=self.loaded.context_length,
-            max_total_tokens=self.model_limits.max_total_len,
+            max_total_tokens=self.model_limits.max_total_tokens,
             vocab_size=self.loaded.vocab_size,
             eos_token_ids=self.loaded.eos_token_ids,
-            max_batch_rows=self.scheduler.config.max_rows,
+            max_batch_rows=self.scheduler.config.max_batch_rows,
             max_waiting=self.config.max_waiting,
             max_prompt_chars=self.factory.max_prompt_chars,
             plugins=tuple(self.plugins.names()),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..api.limits import RequestLimits
 
-DEFAULT_PRIORITY_STEP_S = 10.0  # seconds of waiting one priority step is worth (ageing)
+DEFAULT_PRIORITY_STEP = 10.0  # seconds of waiting one priority step is worth (ageing)
 
 
 @dataclass(frozen=True)
@@ -21,5 +21,5 @@ class EngineConfig:
     prefix_cache_rows: int = 4  # spare KV rows caching recent prompts' KV; 0 = off
     max_waiting: int = 1024  # queued requests beyond which submit raises QueueFullError
     seed: int | None = None  # sampling seed for requests without their own
-    priority_step_s: float = DEFAULT_PRIORITY_STEP_S  # see waiting_queue.py; must be > 0
+    priority_step: float = DEFAULT_PRIORITY_STEP  # see waiting_queue.py; must be > 0
     limits: RequestLimits = field(default_factory=RequestLimits)

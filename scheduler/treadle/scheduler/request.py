@@ -92,7 +92,7 @@ class Request:
         return len(self.token_ids) - 1 if self.is_prefilled else 0
 
     @property
-    def max_total_len(self) -> int:
+    def max_total_tokens(self) -> int:
         """The most KV positions this request can ever need."""
         return self.prompt_len + self.stopping.max_new_tokens
 
@@ -109,7 +109,7 @@ class Request:
         else:
             input_ids, start = self.prompt_ids[self.cached_len :], self.cached_len
         return RowInput(
-            key=self.request_id,
+            request_id=self.request_id,
             row=self.row,
             input_ids=input_ids,
             start=start,

@@ -3,8 +3,8 @@
 Scheduling model
 ----------------
 Requests wait in a queue ordered by virtual arrival, `arrival - priority *
-priority_step_s` (earliest first): a larger priority goes first among requests
-that arrived close together, and every `priority_step_s` seconds of waiting
+priority_step` (earliest first): a larger priority goes first among requests
+that arrived close together, and every `priority_step` seconds of waiting
 count as one priority step, so no flood of higher-priority requests starves a
 lower one for ever (`waiting_queue.py`).
 Each running request holds one KV row from its prefill to its end; running
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from ..api.outcome import FinishReason
 from ..worker.plan import RowInput, RowMove, RowOutput, StepOutput, StepPlan
-from .engine_config import DEFAULT_PRIORITY_STEP_S
+from .engine_config import DEFAULT_PRIORITY_STEP
 from .errors import log_internal_error
 from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event
 from .prefix_cache import PrefixCache
@@ -78,12 +78,12 @@ def require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_rows: int = 64  # KV rows: the most requests running at once
+    max_batch_rows: int = 64  # KV rows: the most requests running at once
     max_seq_len: int = 2048  # KV positions per row: prompt + new tokens of one request
     prefill_token_budget: int = 512  # prompt tokens admitted per step (soft, see above)
-    prefix_cache_rows: int = 4  # spare KV rows (after max_rows) caching recent prompts; 0 = off
+    prefix_cache_rows: int = 4  # KV rows after max_batch_rows caching recent prompts; 0 = off
     prefix_min_tokens: int = 8  # shortest shared prefix worth copying
-    priority_step_s: float = DEFAULT_PRIORITY_STEP_S  # seconds of waiting worth one priority step
+    priority_step: float = DEFAULT_PRIORITY_STEP  # seconds of waiting worth one priority step
 
 
 @dataclass(slots=True)
@@ -91,12 +91,12 @@ class StepTokens:
     """The tokens one `update` accepted, for metrics."""
 
     count: int = 0
-    inter_token_s: list[float] = field(default_factory=list)  # gaps since each row's last token
+    inter_token_seconds: list[float] = field(default_factory=list)  # per row, since its last
 
     def add(self, req: Request, now: float) -> None:
         self.count += 1
         if req.last_token_at is not None:
-            self.inter_token_s.append(now - req.last_token_at)
+            self.inter_token_seconds.append(now - req.last_token_at)
 
 
 class Scheduler:
@@ -107,10 +107,10 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.rows = RowTable(config.max_rows)
-        self.waiting = WaitingQueue(self.config.priority_step_s)
+        self.rows = RowTable(config.max_batch_rows)
+        self.waiting = WaitingQueue(self.config.priority_step)
         self.prefix = PrefixCache(
-            config.max_rows, config.prefix_cache_rows, config.prefix_min_tokens
+            config.max_batch_rows, config.prefix_cache_rows, config.prefix_min_tokens
         )
         self._by_id: dict[str, Request] = {}  # every waiting and running request
         self._pending_moves: list[RowMove] = []
@@ -154,9 +154,9 @@ class Scheduler:
         """Queue a validated request (one that fits a KV row: validation checks it)."""
         if req.request_id in self._by_id:
             raise ValueError(f"request {req.request_id} is already scheduled")
-        if req.max_total_len > self.config.max_seq_len:
+        if req.max_total_tokens > self.config.max_seq_len:
             raise ValueError(
-                f"request {req.request_id} needs {req.max_total_len} KV positions; "
+                f"request {req.request_id} needs {req.max_total_tokens} KV positions; "
                 f"rows hold {self.config.max_seq_len}"
             )
         self._by_id[req.request_id] = req
@@ -212,7 +212,7 @@ class Scheduler:
         freed: list[int] = []
         tokens = StepTokens()
         for row_in, out in zip(plan.rows, output.rows, strict=True):
-            req = self._by_id[row_in.key]
+            req = self._by_id[row_in.request_id]
             events = self._apply(req, out, now, tokens)
             if req.is_finished:
                 freed.append(row_in.row)
@@ -231,13 +231,13 @@ class Scheduler:
         """
         now = self.clock()
         for row_in in plan.rows:
-            req = self._by_id.get(row_in.key)
+            req = self._by_id.get(row_in.request_id)
             if req is not None and req.status is RequestStatus.RUNNING:
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
         for req in list(self.rows):  # none left unless the plan was not this step's
             if not req.is_finished:
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
-        self.rows = RowTable(self.config.max_rows)
+        self.rows = RowTable(self.config.max_batch_rows)
         self._pending_moves = []
         self.prefix.clear()
 
@@ -252,8 +252,8 @@ class Scheduler:
             if not req.is_finished:
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
         self._by_id.clear()
-        self.rows = RowTable(self.config.max_rows)
-        self.waiting = WaitingQueue(self.config.priority_step_s)
+        self.rows = RowTable(self.config.max_batch_rows)
+        self.waiting = WaitingQueue(self.config.priority_step)
         self._to_cancel.clear()
         self._deadlines.clear()
         self._pending_moves = []
@@ -319,7 +319,7 @@ class Scheduler:
         if self.rows.release_last(req):  # it took the last row: freeing it moves nothing
             row = len(self.rows)
             plan.moves = [m for m in plan.moves if m.dst != row]
-            plan.prefill = [r for r in plan.prefill if r.key != req.request_id]
+            plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
         self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
 
     def _apply(self, req: Request, out: RowOutput, now: float, tokens: StepTokens) -> list[Event]:

@@ -15,19 +15,19 @@ class StepStats:
     decode_rows: int  # rows that generated a token from a decode
     prefill_rows: int  # requests prefilled (and given their first token)
     prefill_tokens: int  # prompt tokens run this step
-    forward_s: float  # seconds in the model forward
-    process_s: float  # seconds in logits processing and sampling
-    step_s: float  # seconds for the step: schedule, execute, update (delivery follows)
+    forward_seconds: float  # seconds in the model forward
+    process_seconds: float  # seconds in logits processing and sampling
+    step_seconds: float  # seconds for the step: schedule, execute, update (delivery follows)
     running: int  # requests holding a row after the step
     waiting: int  # requests queued after the step
     generated_tokens: int = 0  # tokens accepted this step (rows that failed produce none)
-    inter_token_s: list[float] = field(default_factory=list)  # per row: gap since its last token
+    inter_token_seconds: list[float] = field(default_factory=list)  # per row, since its last
     finished: list[FinishEvent] = field(default_factory=list)  # requests that ended this step
 
     @property
-    def outside_forward_s(self) -> float:
+    def outside_forward_seconds(self) -> float:
         """The scheduler's share: everything in the step but the model forward."""
-        return self.step_s - self.forward_s
+        return self.step_seconds - self.forward_seconds
 
 
 def step_stats(
@@ -46,11 +46,11 @@ def step_stats(
         decode_rows=len(plan.decode),
         prefill_rows=len(plan.prefill),
         prefill_tokens=plan.num_tokens - len(plan.decode),
-        forward_s=output.forward_s if output else 0.0,
-        process_s=output.process_s if output else 0.0,
-        step_s=step_seconds,
+        forward_seconds=output.forward_seconds if output else 0.0,
+        process_seconds=output.process_seconds if output else 0.0,
+        step_seconds=step_seconds,
         running=running,
         waiting=waiting,
         generated_tokens=tokens.count,
-        inter_token_s=tokens.inter_token_s,
+        inter_token_seconds=tokens.inter_token_seconds,
     )

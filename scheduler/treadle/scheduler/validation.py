@@ -27,7 +27,7 @@ class ModelLimits:
     """What the loaded model and the KV cache allow."""
 
     vocab_size: int
-    max_total_len: int  # prompt + new tokens: min(model context, KV positions per row)
+    max_total_tokens: int  # prompt + new tokens: min(model context, KV positions per row)
     eos_token_ids: tuple[int, ...]
 
 
@@ -53,7 +53,7 @@ class RequestFactory:
 
     @property
     def max_prompt_chars(self) -> int:
-        return self.limits.prompt_chars(self.model.max_total_len)
+        return self.limits.prompt_chars(self.model.max_total_tokens)
 
     def build(self, gen: GenerationRequest, request_id: str, sink: EventSink) -> Request:
         """Validate `gen` and return a queued-to-be `Request`; raises ValidationError.
@@ -101,7 +101,7 @@ class RequestFactory:
             if total > chars:
                 raise ValidationError("chat", f"is {total} characters in all; the limit is {chars}")
         if gen.prompt_token_ids is not None and len(gen.prompt_token_ids) >= (
-            limit := self.model.max_total_len
+            limit := self.model.max_total_tokens
         ):
             raise ValidationError("token_ids", self._too_long(len(gen.prompt_token_ids), limit))
         return self.inputs.prompt_ids(gen)
@@ -126,7 +126,7 @@ class RequestFactory:
         )
 
     def _max_new_tokens(self, gen: GenerationRequest, prompt_len: int) -> int:
-        limit = self.model.max_total_len
+        limit = self.model.max_total_tokens
         if prompt_len >= limit:
             raise ValidationError(
                 (input_fields(gen) or ["input"])[0], self._too_long(prompt_len, limit)

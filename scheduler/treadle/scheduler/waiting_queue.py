@@ -1,11 +1,11 @@
 """The waiting queue: earliest virtual arrival first, where priority buys a head start.
 
-A request's place is `arrival - priority * priority_step_s`: one priority
-step is worth `priority_step_s` seconds of waiting. Equivalently, its
-effective priority grows by one every `priority_step_s` seconds it waits
+A request's place is `arrival - priority * priority_step`: one priority
+step is worth `priority_step` seconds of waiting. Equivalently, its
+effective priority grows by one every `priority_step` seconds it waits
 (`now` cancels out, so a static heap key is exact). Among requests arriving
 close together, higher priority goes first; a flood at priority +10 keeps a
-priority-0 request waiting at most `10 * priority_step_s` seconds (ageing:
+priority-0 request waiting at most `10 * priority_step` seconds (ageing:
 nothing starves).
 """
 
@@ -16,7 +16,7 @@ import itertools
 import math
 from collections.abc import Iterator
 
-from .engine_config import DEFAULT_PRIORITY_STEP_S
+from .engine_config import DEFAULT_PRIORITY_STEP
 from .request import Request
 
 _STALE_SLACK = 16  # removed entries tolerated in the heap beyond the live ones
@@ -31,10 +31,10 @@ class WaitingQueue:
     requests (amortised O(1) per removal).
     """
 
-    def __init__(self, priority_step_s: float = DEFAULT_PRIORITY_STEP_S) -> None:
-        if not (0 < priority_step_s < math.inf):
-            raise ValueError(f"priority_step_s: must be a positive number, got {priority_step_s}")
-        self.priority_step_s = priority_step_s
+    def __init__(self, priority_step: float = DEFAULT_PRIORITY_STEP) -> None:
+        if not (0 < priority_step < math.inf):
+            raise ValueError(f"priority_step: must be a positive number, got {priority_step}")
+        self.priority_step = priority_step
         self._heap: list[tuple[float, int, Request]] = []  # (virtual arrival, order, request)
         self._order = itertools.count()
         self._live: set[Request] = set()  # by identity: an id may come back after a cancel
@@ -48,7 +48,7 @@ class WaitingQueue:
 
     def push(self, req: Request) -> None:
         """Queue `req` at its virtual arrival (ties: in push order)."""
-        key = req.arrival - req.priority * self.priority_step_s
+        key = req.arrival - req.priority * self.priority_step
         heapq.heappush(self._heap, (key, next(self._order), req))
         self._live.add(req)
 

@@ -120,9 +120,9 @@ class ServerMetrics:
         rows = stats.decode_rows + stats.prefill_rows
         if rows:
             self.batch_size.observe(rows)
-            self.step_time.observe(stats.step_s)
-            self.forward_time.observe(stats.forward_s)
-        for gap in stats.inter_token_s:
+            self.step_time.observe(stats.step_seconds)
+            self.forward_time.observe(stats.forward_seconds)
+        for gap in stats.inter_token_seconds:
             self.itl.observe(gap)
         for event in stats.finished:
             usage = event.usage

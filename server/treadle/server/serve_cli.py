@@ -86,7 +86,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         (
             "--priority-step",
             positive_seconds,
-            defaults.priority_step_s,
+            defaults.priority_step,
             "seconds of waiting worth one request priority step: a waiting request "
             "overtakes one that arrived N x this later with N more priority (no starvation)",
         ),

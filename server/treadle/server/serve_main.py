@@ -92,7 +92,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         prefix_cache_rows=args.prefix_cache_rows,
         max_waiting=args.max_waiting,
         seed=args.seed,
-        priority_step_s=args.priority_step,
+        priority_step=args.priority_step,
         limits=RequestLimits(
             default_max_new_tokens=args.default_max_new_tokens,
             max_stop_strings=args.max_stop_strings,

@@ -26,7 +26,7 @@ from .params import SamplingParams
 class RowInput:
     """One sequence in the step, as the worker sees it."""
 
-    key: str  # the request id, for errors and logs
+    request_id: str  # for errors and logs
     row: int  # the KV row the sequence occupies
     input_ids: Sequence[int]  # fed this step: the prompt on prefill, the last token on decode
     start: int  # position of input_ids[0]: tokens of this sequence already in the KV row
@@ -86,5 +86,5 @@ class StepOutput:
     """The worker's answer to a `StepPlan`."""
 
     rows: list[RowOutput]  # aligned with `StepPlan.rows`
-    forward_s: float = 0.0  # seconds spent in the model forward
-    process_s: float = 0.0  # seconds spent in logits processing and sampling
+    forward_seconds: float = 0.0  # seconds spent in the model forward
+    process_seconds: float = 0.0  # seconds spent in logits processing and sampling

@@ -21,10 +21,10 @@ log = logging.getLogger("treadle.worker")
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    max_rows: int = 64  # KV rows: sequences running at once
+    max_batch_rows: int = 64  # KV rows: sequences running at once
     max_seq_len: int | None = None  # KV positions per row; None: min(model context, 2048)
     seed: int | None = None  # seeds sampling of requests without their own seed
-    spare_rows: int = 0  # extra KV rows after max_rows, for the scheduler's prefix cache
+    prefix_cache_rows: int = 0  # KV rows after max_batch_rows, for the prefix cache
 
     def seq_len_for(self, loaded: LoadedModel) -> int:
         limit = loaded.context_length
@@ -44,10 +44,10 @@ class Worker:
 
     def __init__(self, loaded: LoadedModel, config: WorkerConfig | None = None) -> None:
         config = config or WorkerConfig()
-        self.max_rows = config.max_rows
+        self.max_batch_rows = config.max_batch_rows
         self.max_seq_len = config.seq_len_for(loaded)
         shape = KVShape.for_model(
-            loaded.model.config, self.max_rows + config.spare_rows, self.max_seq_len
+            loaded.model.config, self.max_batch_rows + config.prefix_cache_rows, self.max_seq_len
         )
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
         log.info(
@@ -86,8 +86,8 @@ class Worker:
         ]
         return StepOutput(
             rows=outputs,
-            forward_s=forwarded - started,
-            process_s=time.perf_counter() - forwarded,
+            forward_seconds=forwarded - started,
+            process_seconds=time.perf_counter() - forwarded,
         )
 
 
