@@ -17,7 +17,11 @@ class EngineDefaults(Protocol):
     @property
     def max_seq_len(self) -> int: ...
     @property
-    def prefill_token_budget(self) -> int: ...
+    def step_token_budget(self) -> int: ...
+    @property
+    def kv_cache_memory(self) -> int | None: ...
+    @property
+    def prefix_cache(self) -> bool: ...
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -49,11 +53,28 @@ def common_parser(
         "--progress-interval", type=float, default=10.0, help="seconds between token counts"
     )
     ap.add_argument("--clients", type=int, default=d.clients, help="W1's closed-loop clients")
-    ap.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows, help="engine KV rows")
     ap.add_argument(
-        "--max-seq-len", type=int, default=d.max_seq_len, help="engine KV positions per row"
+        "--max-batch-rows", type=int, default=d.max_batch_rows, help="engine: requests at once"
     )
     ap.add_argument(
-        "--prefill-token-budget", type=int, default=d.prefill_token_budget, help="engine setting"
+        "--max-seq-len", type=int, default=d.max_seq_len, help="engine: positions per request"
+    )
+    ap.add_argument(
+        "--step-token-budget",
+        type=int,
+        default=d.step_token_budget,
+        help="engine: tokens fed per step, decodes first, then prompt chunks",
+    )
+    ap.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        default=d.kv_cache_memory,
+        help="engine: bytes of KV pool; None: the engine's default (1 GiB on CPU)",
+    )
+    ap.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=d.prefix_cache,
+        help="engine: reuse cached KV blocks of earlier prompts",
     )
     return ap

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from treadle.scheduler.engine import EngineConfig
+from treadle.scheduler.engine_config import EngineConfig
 
 from .settings import W1Settings
 
@@ -18,7 +18,9 @@ class GrpcSettings:
     clients: int = W1Settings.clients  # W1's closed-loop clients
     max_batch_rows: int = W1Settings.max_batch_rows
     max_seq_len: int = W1Settings.max_seq_len
-    prefill_token_budget: int = W1Settings.prefill_token_budget
+    step_token_budget: int = W1Settings.step_token_budget
+    kv_cache_memory: int | None = W1Settings.kv_cache_memory
+    prefix_cache: bool = W1Settings.prefix_cache
     load: float = 0.7  # W2's arrival rate as a share of the W1 gRPC capacity
     rate: float | None = None  # W2's arrival rate (requests/s); None: load x capacity
     seed: int = 0  # seeds W2's Poisson arrivals
@@ -36,7 +38,9 @@ class GrpcSettings:
         return EngineConfig(
             max_batch_rows=self.max_batch_rows,
             max_seq_len=self.max_seq_len,
-            prefill_token_budget=self.prefill_token_budget,
+            kv_cache_memory=self.kv_cache_memory,
+            step_token_budget=self.step_token_budget,
+            prefix_cache=self.prefix_cache,
         )
 
     def w2_rate(self, capacity_rps: float) -> float:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from treadle.scheduler.engine import EngineConfig
+from treadle.scheduler.engine_config import EngineConfig
 
 from .progress import Progress
 from .run_result import BenchmarkError
@@ -34,15 +34,20 @@ def serve_command(
     """The `treadle serve` command line for `config`, on a free port of `host`.
 
     Every engine setting is passed as a flag, so the server runs the engine
-    the in-process runs use whatever TREADLE_* defaults the environment has.
+    the in-process runs use whatever TREADLE_* defaults the environment has
+    (`server_env` drops them too); a setting left None (max_seq_len,
+    kv_cache_memory) is left out, and the server's default is the engine's.
     """
     command = [sys.executable, "-m", "treadle.client.cli", "serve"]
     command += ["--host", host, "--port", "0", "--metrics-port", "0", "--log-level", "INFO"]
     command += ["--max-batch-rows", str(config.max_batch_rows)]
     if config.max_seq_len is not None:
         command += ["--max-seq-len", str(config.max_seq_len)]
-    command += ["--prefill-token-budget", str(config.prefill_token_budget)]
-    command += ["--prefix-cache-rows", str(config.prefix_cache_rows)]
+    if config.kv_cache_memory is not None:
+        command += ["--kv-cache-memory", str(config.kv_cache_memory)]
+    command += ["--block-size", str(config.block_size)]
+    command += ["--step-token-budget", str(config.step_token_budget)]
+    command += ["--prefix-cache" if config.prefix_cache else "--no-prefix-cache"]
     command += ["--max-waiting", str(config.max_waiting)]
     if model is not None:
         command += ["--model", model]

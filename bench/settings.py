@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from treadle.scheduler.engine import EngineConfig
+from treadle.scheduler.engine_config import EngineConfig
 
 RUN_KEYS = ("treadle", "generate_single", "generate_static", "transformers_cb", "ceiling")
 
@@ -19,8 +19,12 @@ class W1Settings:
     # treadle
     clients: int = 64  # closed-loop clients
     max_batch_rows: int = 64
-    max_seq_len: int = 256  # KV positions per row; W1 needs at most 55 + 128
-    prefill_token_budget: int = 512
+    max_seq_len: int = 256  # positions one request may hold; W1 needs at most 55 + 128
+    # Tokens fed per step, decodes first: 64 decodes leave 448 for prompts, 8 or more of W1's
+    # (35-55 tokens) a step, about what the old 512-token prefill budget admitted.
+    step_token_budget: int = 512
+    kv_cache_memory: int | None = None  # bytes of KV pool; None: the engine's default
+    prefix_cache: bool = True
     # peers
     single_requests: int = 16  # generate_single runs the first N requests
     static_batch: int = 64  # rows of a generate_static batch
@@ -40,7 +44,9 @@ class W1Settings:
         return EngineConfig(
             max_batch_rows=self.max_batch_rows,
             max_seq_len=self.max_seq_len,
-            prefill_token_budget=self.prefill_token_budget,
+            kv_cache_memory=self.kv_cache_memory,
+            step_token_budget=self.step_token_budget,
+            prefix_cache=self.prefix_cache,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="--model of the server; default: embedded")
     ap.add_argument("--max-batch-rows", type=int, default=None, help="server's; default: its own")
     ap.add_argument("--max-seq-len", type=int, default=None, help="server's; default: its own")
+    ap.add_argument(
+        "--kv-cache-memory", type=int, default=None, help="server's (bytes); default: its own"
+    )
+    ap.add_argument(
+        "--step-token-budget", type=int, default=None, help="server's; default: its own"
+    )
     ap.add_argument("--server-arg", action="append", default=[], help="extra `treadle serve` arg")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--timeout", type=float, default=3600.0, help="bound on the whole run (s)")
@@ -72,6 +78,8 @@ def serve_args(args: argparse.Namespace) -> list[str]:
     for flag, value in (
         ("--max-batch-rows", args.max_batch_rows),
         ("--max-seq-len", args.max_seq_len),
+        ("--kv-cache-memory", args.kv_cache_memory),
+        ("--step-token-budget", args.step_token_budget),
     ):
         if value is not None:
             command += [flag, str(value)]

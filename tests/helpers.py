@@ -202,14 +202,22 @@ class BanEverything(LogitsPlugin):
 
 
 def decode_row(
-    token_ids: list[int], params: SamplingParams, i: int = 0, prompt_len: int = 1
+    token_ids: list[int],
+    params: SamplingParams,
+    i: int = 0,
+    prompt_len: int = 1,
+    block_size: int = 16,
 ) -> RowInput:
-    """Row `i` of a decode step whose history is `token_ids` (the first `prompt_len` the prompt)."""
+    """Row `i` of a decode step whose history is `token_ids` (the first `prompt_len` the prompt).
+
+    Its block table covers its tokens with blocks of its own (`block_size` positions each).
+    """
+    blocks = -(-len(token_ids) // block_size)
     return RowInput(
         request_id=f"r{i}",
-        row=i,
         input_ids=token_ids[-1:],
         start=len(token_ids) - 1,
+        block_table=list(range(i * blocks, (i + 1) * blocks)),
         token_ids=token_ids,
         prompt_len=prompt_len,
         params=params,

@@ -30,7 +30,7 @@ class CheckedEngine:
     """
 
     def __init__(self, tiny: LoadedModel, **config: Any) -> None:
-        settings = {"max_batch_rows": 4, "max_seq_len": 128, "prefill_token_budget": 64, **config}
+        settings = {"max_batch_rows": 4, "max_seq_len": 128, "step_token_budget": 64, **config}
         self.engine = Engine(tiny, EngineConfig(**settings))
         self.violations: list[str] = []
         self.steps = 0

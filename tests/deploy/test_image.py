@@ -302,11 +302,20 @@ async def test_entrypoint_serves_with_the_pods_environment(
             result = await client.generate(token_ids=[101, 2045], max_new_tokens=4, ignore_eos=True)
             assert len(result.token_ids) == 4
             info = await client.model_info()
-            # the ConfigMap's settings took: KV positions (capped at the tiny model's context)
-            # and rows (running + prefix cache)
-            assert info.max_total_tokens == min(int(env["TREADLE_MAX_SEQ_LEN"]), 512)
-        rows = int(env["TREADLE_MAX_BATCH_ROWS"]) + int(env["TREADLE_PREFIX_CACHE_ROWS"])
-        await server.wait_log(rf"KV cache: {rows} rows")
+        # the ConfigMap's settings took: the KV pool (its bytes in whole blocks of the tiny
+        # model's positions, fp32 on CPU), the rows, and a request's positions (the
+        # ConfigMap's cap, or else the model's context), within the pool
+        model = json.loads((tiny_model_dirs[0] / "config.json").read_text())
+        head_dim = model["hidden_size"] // model["num_attention_heads"]
+        per_position = model["num_hidden_layers"] * 2 * model["num_key_value_heads"] * head_dim * 4
+        block = int(env.get("TREADLE_BLOCK_SIZE", "16"))
+        pool = int(env["TREADLE_KV_CACHE_MEMORY"]) // (per_position * block) * block
+        assert (info.kv_cache_tokens, info.max_batch_rows) == (
+            pool,
+            int(env["TREADLE_MAX_BATCH_ROWS"]),
+        )
+        context = model["max_position_embeddings"]
+        assert info.max_total_tokens == min(int(env.get("TREADLE_MAX_SEQ_LEN", context)), pool)
         server.proc.terminate()
         async with asyncio.timeout(60):
             assert await server.proc.wait() == 0

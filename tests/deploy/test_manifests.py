@@ -268,8 +268,12 @@ def test_config_sets_only_settings_the_server_reads(
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)  # reads the environment for its defaults
     args = parser.parse_args([])
-    assert args.max_seq_len == int(config["TREADLE_MAX_SEQ_LEN"])
+    assert args.step_token_budget == int(config["TREADLE_STEP_TOKEN_BUDGET"])
     assert args.grace_period == float(config["TREADLE_GRACE_PERIOD"])
+    if overlay == "cpu":
+        assert args.kv_cache_memory == int(config["TREADLE_KV_CACHE_MEMORY"])
+    else:  # empty: the server's CUDA default (a share of the GPU's free memory), not the base's
+        assert config["TREADLE_KV_CACHE_MEMORY"] == "" and args.kv_cache_memory is None
 
 
 @pytest.mark.parametrize(
@@ -279,23 +283,27 @@ def test_config_sets_only_settings_the_server_reads(
 def test_kv_cache_arithmetic_holds_for_the_default_model(
     rendered: Rendered, smol_dir: Path, overlay: str, dtype_bytes: int, env_file: str
 ) -> None:
-    """The KV cache the ConfigMap asks for, from SmolLM2's own config: the figure the env file
-    states, and on CPU (where it lives in the pod's memory) within the memory request."""
+    """The KV pool the ConfigMap asks for, from SmolLM2's own config: the bytes per position
+    the env file states, and on CPU (where the pool lives in the pod's memory) the pool's size
+    and positions it states, within the memory request."""
     config = config_env(rendered(overlay))
     model = json.loads((smol_dir / "config.json").read_text())
     head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
     per_position = model["num_hidden_layers"] * 2 * model["num_key_value_heads"] * head_dim
-    rows = int(config["TREADLE_MAX_BATCH_ROWS"]) + int(config["TREADLE_PREFIX_CACHE_ROWS"])
-    kv = rows * int(config["TREADLE_MAX_SEQ_LEN"]) * per_position * dtype_bytes
-    stated = (REPO / "deploy" / "k8s" / env_file).read_text()
+    stated = " ".join((REPO / "deploy" / "k8s" / env_file).read_text().replace("#", "").split())
     assert f"{per_position * dtype_bytes:,} bytes per position" in stated
-    assert f"= {kv / 2**30:.2f} GiB" in stated, kv / 2**30
     if overlay == "cpu":
+        kv = int(config["TREADLE_KV_CACHE_MEMORY"])
+        block = int(config.get("TREADLE_BLOCK_SIZE", "16"))  # the server's default block size
+        positions = kv // (per_position * dtype_bytes * block) * block  # whole blocks
+        assert f"{kv:,} B = {kv / 2**30:.2f} GiB holds {positions:,} positions" in stated
         weights = sum(f.stat().st_size for f in smol_dir.glob("*.safetensors"))
         resources = server_container(rendered(overlay))["resources"]
         request = _bytes(resources["requests"]["memory"])
         assert request >= kv + weights + 2**30  # + Python, torch and activations
         assert _bytes(resources["limits"]["memory"]) >= request
+    else:  # the pool lives in GPU memory, sized by the server from what is free
+        assert config["TREADLE_KV_CACHE_MEMORY"] == ""
 
 
 def _bytes(quantity: str) -> int:

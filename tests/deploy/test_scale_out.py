@@ -34,7 +34,7 @@ AFTER_TOKENS = 16
 # replica (and its /metrics) up until the test has counted, then is cancelled. It starts after
 # every wave request there is running, so all of those end first, whatever the timing.
 HOLD_TOKENS = 500  # prompt + this within the tiny model's 512 positions
-ROWS = 20  # KV rows per replica: the whole wave runs at once, none queues
+ROWS = 20  # requests running at once per replica: the whole wave runs at once, none queues
 
 
 @dataclass

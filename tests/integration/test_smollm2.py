@@ -34,7 +34,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def engine(smol: LoadedModel) -> Engine:
-    return Engine(smol, EngineConfig(max_batch_rows=8, max_seq_len=256, prefill_token_budget=128))
+    return Engine(smol, EngineConfig(max_batch_rows=8, max_seq_len=256, step_token_budget=128))
 
 
 def chat(question: str, **kw: object) -> GenerationRequest:

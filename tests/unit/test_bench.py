@@ -22,10 +22,11 @@ from bench.report import build_report, render_markdown, write_report
 from bench.run_result import BenchmarkError
 from bench.settings import W1Settings
 from bench.treadle_run import Outcome, check_outcomes
-from bench.w1 import run_w1
+from bench.w1 import parse_args, run_w1, settings_from
 from bench.workload import Workload, mean_decode_context
 from treadle.api.outcome import FinishReason, Usage
 from treadle.scheduler.events import FinishEvent
+from treadle.worker.attention import ATTENTION_NAME
 from treadle.worker.loader import LoadedModel
 
 
@@ -64,6 +65,18 @@ def test_goals_report_met_missed_and_unmeasured() -> None:
     assert [g["met"] for g in goals] == [True, None, False]
 
 
+def test_the_engine_flags_reach_the_engine_config() -> None:
+    defaults = settings_from(parse_args([])).engine_config()
+    assert (defaults.max_batch_rows, defaults.max_seq_len) == (64, 256)
+    assert defaults.step_token_budget == 512  # 64 decodes leave 448 for W1's 35-55 token prompts
+    assert defaults.kv_cache_memory is None and defaults.prefix_cache  # the engine's defaults
+    argv = ["--max-batch-rows", "8", "--max-seq-len", "96", "--step-token-budget", "32"]
+    argv += ["--kv-cache-memory", str(2**20), "--no-prefix-cache"]
+    config = settings_from(parse_args(argv)).engine_config()
+    assert (config.max_batch_rows, config.max_seq_len, config.step_token_budget) == (8, 96, 32)
+    assert (config.kv_cache_memory, config.prefix_cache) == (2**20, False)
+
+
 def test_w1_runs_every_peer_and_writes_the_report(
     tiny: LoadedModel, workload: Workload, tmp_path: Path
 ) -> None:
@@ -71,7 +84,8 @@ def test_w1_runs_every_peer_and_writes_the_report(
         clients=3,
         max_batch_rows=4,
         max_seq_len=128,
-        prefill_token_budget=64,
+        step_token_budget=64,
+        kv_cache_memory=2**20,  # 2,048 positions of the tiny model (512 bytes each)
         single_requests=2,
         static_batch=2,
         cb_num_blocks=16,  # transformers sizes its cache from free memory otherwise (slow)
@@ -101,7 +115,7 @@ def test_w1_runs_every_peer_and_writes_the_report(
     assert treadle["steps"] > 0
     assert 0 < treadle["mean_decode_batch"] <= settings.clients
     assert 0 <= treadle["scheduler_share"] < 1
-    assert tiny.model.config._attn_implementation == "treadle_slots"  # peers switched back
+    assert tiny.model.config._attn_implementation == ATTENTION_NAME  # peers switched back
     assert "treadle: start" in log.getvalue()
 
     started = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,8 +34,20 @@ from bench.streamed_runs import run_closed_loop, run_open_loop
 from bench.traces import StreamFn, Trace, percentiles
 from bench.workload import WorkItem, Workload
 from treadle.scheduler.engine import EngineConfig
+from treadle.server.serve_cli import add_serve_arguments
 from treadle.v1 import treadle_pb2 as pb
 from treadle.worker.loader import LoadedModel
+
+# EngineConfig fields a `treadle serve` flag of the same name sets (serve_command passes them)
+ENGINE_FLAGS = (
+    "max_batch_rows",
+    "max_seq_len",
+    "kv_cache_memory",
+    "block_size",
+    "step_token_budget",
+    "prefix_cache",
+    "max_waiting",
+)
 
 
 def quiet() -> Progress:
@@ -147,7 +161,9 @@ async def test_open_loop_sends_on_schedule_whatever_is_still_running(workload: W
 async def test_w1_and_w2_over_grpc_account_for_every_token(
     tiny: LoadedModel, workload: Workload
 ) -> None:
-    settings = GrpcSettings(clients=3, max_batch_rows=4, max_seq_len=128, prefill_token_budget=64)
+    settings = GrpcSettings(
+        clients=3, max_batch_rows=4, max_seq_len=128, step_token_budget=64, kv_cache_memory=2**20
+    )
     served = await start_served(tiny, settings.engine_config())
     seen: list[str] = []
     try:
@@ -155,7 +171,7 @@ async def test_w1_and_w2_over_grpc_account_for_every_token(
             served.channel, workload, settings, tiny.name, quiet(), lambda r: seen.append(r.name)
         )
         metrics = served.metrics()
-        with pytest.raises(BenchmarkError, match="INVALID_ARGUMENT"):  # a budget beyond the row
+        with pytest.raises(BenchmarkError, match="INVALID_ARGUMENT"):  # beyond max_seq_len
             too_long = WorkItem("long", workload.items[0].messages, max_new_tokens=1000)
             async for _ in grpc_stream(served.stub)(too_long):
                 pass
@@ -190,15 +206,24 @@ async def test_the_bench_checks_the_model_the_server_serves(
 
 
 # -- the server as a process ----------------------------------------------------------------
-def test_serve_command_passes_every_engine_setting_and_drops_treadle_env() -> None:
-    config = EngineConfig(max_batch_rows=8, max_seq_len=200, prefill_token_budget=96)
-    command = serve_command(config, "/m", None)
-    flags = dict(zip(command[4::2], command[5::2], strict=True))
-    assert command[1:4] == ["-m", "treadle.client.cli", "serve"]
-    assert flags["--port"] == "0" and flags["--host"] == "127.0.0.1"
-    assert (flags["--max-batch-rows"], flags["--max-seq-len"]) == ("8", "200")
-    assert (flags["--prefill-token-budget"], flags["--model"]) == ("96", "/m")
-    assert flags["--prefix-cache-rows"] == str(config.prefix_cache_rows)
+def test_serve_command_passes_every_engine_setting_and_drops_treadle_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in [k for k in os.environ if k.startswith("TREADLE_")]:
+        monkeypatch.delenv(key)  # the serve flags' defaults come from TREADLE_* variables
+    for config in (
+        EngineConfig(max_batch_rows=8, max_seq_len=200, step_token_budget=96),
+        EngineConfig(block_size=32, kv_cache_memory=2**20, prefix_cache=False, max_waiting=5),
+    ):
+        command = serve_command(config, "/m", None)
+        assert command[1:4] == ["-m", "treadle.client.cli", "serve"]
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        args = parser.parse_args(command[4:])  # `treadle serve`'s own flags parse it
+        assert (args.host, args.port, args.model) == ("127.0.0.1", 0, "/m")
+        for name in ENGINE_FLAGS:
+            assert getattr(args, name) == getattr(config, name), name
+    assert "--no-prefix-cache" in command
     env = server_env({"TREADLE_AUTH_TOKEN": "x", "TREADLE_CACHE_DIR": "/c", "PATH": "/b"}, 3)
     assert env == {
         "TREADLE_CACHE_DIR": "/c",
@@ -242,7 +267,8 @@ def test_the_whole_run_against_treadle_serve(
     out = tmp_path / "results"
     argv = ["--model", str(model_dir), "--workload", str(write_workload(tmp_path, BUDGETS))]
     argv += ["--out", str(out), "--clients", "2", "--max-batch-rows", "4"]
-    argv += ["--max-seq-len", "128", "--prefill-token-budget", "64", "--server-timeout", "120"]
+    argv += ["--max-seq-len", "128", "--step-token-budget", "64", "--server-timeout", "120"]
+    argv += ["--kv-cache-memory", str(2**20)]
 
     assert main(argv) == 0
 
@@ -252,7 +278,9 @@ def test_the_whole_run_against_treadle_serve(
     assert list(report["runs"]) == ["w1_inprocess", "w1_grpc", "w2_grpc", "w2_inprocess"]
     assert all(r["useful_tokens"] == sum(BUDGETS) for r in report["runs"].values())
     assert report["server"]["exit_code"] == 0
-    assert "--max-batch-rows" in report["server"]["command"]
+    server_command = report["server"]["command"]
+    assert server_command[server_command.index("--kv-cache-memory") + 1] == str(2**20)
+    assert report["settings"]["engine"]["step_token_budget"] == 64
     ratio = (
         report["runs"]["w1_grpc"]["tokens_per_s"] / report["runs"]["w1_inprocess"]["tokens_per_s"]
     )

@@ -28,7 +28,7 @@ from treadle.worker.plugins import default_registry
 
 
 def tiny_engine(tiny: LoadedModel, **config: Any) -> Engine:
-    settings = {"max_batch_rows": 8, "max_seq_len": 128, "prefill_token_budget": 64, **config}
+    settings = {"max_batch_rows": 8, "max_seq_len": 128, "step_token_budget": 64, **config}
     return Engine(tiny, EngineConfig(**settings))
 
 
@@ -156,7 +156,7 @@ def test_cancel_frees_the_row_and_the_others_are_unaffected(tiny: LoadedModel) -
         if step == 5:
             assert engine.scheduler.abort("c0")
         plan = engine.scheduler.schedule()
-        rows_seen.append({r.request_id: r.row for r in plan.rows})
+        rows_seen.append({r.request_id for r in plan.rows})
         if plan.is_empty:
             break
         engine.scheduler.update(plan, engine.worker.execute(plan))
@@ -164,8 +164,8 @@ def test_cancel_frees_the_row_and_the_others_are_unaffected(tiny: LoadedModel) -
             req.sink(events)
     assert got["c0"].finish.reason is FinishReason.CANCELLED
     assert got["c0"].tokens == want["c0"][:5]
-    # c2 waited for a row; it got c0's freed row (c1 moved down into row 0) right after the cancel
-    assert rows_seen[5] == {"c1": 0, "c2": 1}
+    # c2 waited for a row; it got c0's right after the cancel
+    assert rows_seen[5] == {"c1", "c2"}
     assert engine.scheduler.num_running == 0
     assert got["c1"].tokens == want["c1"]
     assert got["c2"].tokens == want["c2"]
@@ -312,11 +312,13 @@ def test_prefix_cache_hits_give_the_same_tokens(tiny: LoadedModel) -> None:
         )
         for i, p in enumerate(prompts)
     ]
-    engine = tiny_engine(tiny, max_batch_rows=3, prefix_cache_rows=2)
+    engine = tiny_engine(tiny, max_batch_rows=3, block_size=4)
     got = drive(engine, arrivals)
     cached = [got[f"p{i}"].finish.usage.cached_prompt_tokens for i in range(len(prompts))]
-    assert cached[0] == 0 and all(c >= 30 for c in cached[1:-2])
-    assert cached[-2] == 29 and cached[-1] == len(prompts[0]) - 1
+    # whole blocks of 4: the 30 shared tokens give 7 blocks (the hit ends mid-block)
+    assert cached[0] == 0 and all(c >= 28 for c in cached[1:-2])
+    assert cached[-2] == 28  # a prompt equal to the prefix keeps a token to compute
+    assert cached[-1] == (len(prompts[0]) - 1) // 4 * 4
     for i, p in enumerate(prompts):
         assert got[f"p{i}"].tokens == reference_greedy(tiny.model, p, 8, None), i
 
@@ -448,3 +450,111 @@ def test_max_backlog_given_at_creation_holds_from_the_first_event(
     assert got.finish.reason is FinishReason.CANCELLED
     assert got.finish.cause is Cause.SLOW_READER
     assert got.tokens == []  # token events are dropped once a request is cut
+
+
+def pool_bytes(tiny: LoadedModel, tokens: int) -> int:
+    """`--kv-cache-memory` for a pool of `tokens` positions of the tiny model (fp32)."""
+    c = tiny.model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return tokens * c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4
+
+
+def run_checked(engine: Engine, gens: list[GenerationRequest]) -> tuple[dict[str, Collected], int]:
+    """Run `gens` (all queued at once) on this thread, checking the engine's invariants
+    (block accounting included) after every step; returns the events and the preemptions."""
+    got: dict[str, Collected] = {}
+    for g in gens:
+        assert g.request_id is not None
+        sink = got.setdefault(g.request_id, Collected()).events.extend
+        engine.scheduler.add(engine.factory.build(g, g.request_id, sink))
+    preempted = 0
+    for _ in range(5_000):
+        if not engine.scheduler.has_work:
+            break
+        plan = engine.scheduler.schedule()
+        preempted += engine.scheduler.preempted
+        if not plan.is_empty:
+            engine.scheduler.update(plan, engine.worker.execute(plan))
+        for req, events in engine.scheduler.take_events():
+            req.sink(events)
+        engine.scheduler.check_invariants()
+    assert not engine.scheduler.has_work
+    assert engine.scheduler.pool.num_used == 0  # every block given back
+    return got, preempted
+
+
+@pytest.mark.parametrize("budget", [5, 7, 13])
+def test_prompts_prefilled_in_chunks_give_the_tokens_of_generate(
+    tiny: LoadedModel, budget: int
+) -> None:
+    rng = random.Random(budget)
+    gens = [
+        GenerationRequest(
+            prompt_token_ids=random_prompt(rng, 17 + 9 * i),
+            max_new_tokens=10,
+            ignore_eos=True,
+            request_id=f"c{i}",
+        )
+        for i in range(4)
+    ]
+    engine = tiny_engine(tiny, step_token_budget=budget, block_size=4)
+    starts: set[int] = set()
+    execute = engine.worker.execute
+
+    def recording(plan: Any) -> Any:
+        starts.update(r.start for r in plan.prefill if r.start % 4)
+        return execute(plan)
+
+    engine.worker.execute = recording  # type: ignore[method-assign]
+    got, _ = run_checked(engine, gens)
+    assert starts  # chunks began mid-block, not only on block edges
+    for g in gens:
+        want = reference_greedy(tiny.model, g.prompt_token_ids or [], 10, None)
+        assert got[g.request_id or ""].tokens == want, g.request_id
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_an_oversubscribed_pool_preempts_and_resumes_with_the_same_tokens(
+    tiny: LoadedModel, temperature: float
+) -> None:
+    rng = random.Random(7)
+    prompts = [random_prompt(rng, 6 + 2 * i) for i in range(8)]
+
+    def gens() -> list[GenerationRequest]:
+        return [
+            GenerationRequest(
+                prompt_token_ids=p,
+                max_new_tokens=30,
+                ignore_eos=True,
+                temperature=temperature,
+                seed=100 + i,
+                request_id=f"p{i}",
+            )
+            for i, p in enumerate(prompts)
+        ]
+
+    need = sum(len(p) + 30 for p in prompts)  # what all of them hold at their ends
+    tight = tiny_engine(tiny, block_size=4, kv_cache_memory=pool_bytes(tiny, need // 2))
+    got, preempted = run_checked(tight, gens())
+    assert preempted > 0  # the pool really ran dry
+    roomy, none = run_checked(tiny_engine(tiny, block_size=4), gens())
+    assert none == 0
+    for g in gens():
+        rid = g.request_id or ""
+        assert got[rid].tokens == roomy[rid].tokens, rid  # no token lost, repeated or changed
+        assert got[rid].finish.reason is FinishReason.LENGTH
+        if temperature == 0.0:
+            assert got[rid].tokens == reference_greedy(
+                tiny.model, g.prompt_token_ids or [], 30, None
+            )
+
+
+def test_a_request_the_pool_can_never_hold_is_refused_naming_the_pool(tiny: LoadedModel) -> None:
+    engine = tiny_engine(tiny, max_seq_len=None, block_size=4, kv_cache_memory=pool_bytes(tiny, 64))
+    assert engine.info.max_total_tokens == 64 and engine.info.kv_cache_tokens == 64
+    engine.start()
+    try:
+        with pytest.raises(ValidationError, match="KV pool"):
+            engine.submit(GenerationRequest(prompt_token_ids=[5] * 60, max_new_tokens=10), print)
+    finally:
+        engine.stop()

@@ -36,7 +36,7 @@ class FakeWorker:
     def execute(self, plan: StepPlan) -> StepOutput:
         self.plans.append(plan)
         rows = []
-        for r in plan.rows:
+        for r in plan.sampled_rows:
             if r.request_id in self.errors:
                 rows.append(RowOutput(token_id=-1, error=self.errors[r.request_id]))
             else:
@@ -100,7 +100,14 @@ class Harness:
 
 @pytest.fixture
 def h(tokenizer: Any) -> Harness:
-    return Harness(tokenizer, max_batch_rows=2, max_seq_len=64, prefill_token_budget=100)
+    return Harness(
+        tokenizer,
+        max_batch_rows=2,
+        max_seq_len=64,
+        step_token_budget=100,
+        num_blocks=64,
+        block_size=4,
+    )
 
 
 def words(tokenizer: Any, text: str) -> list[int]:
@@ -114,14 +121,15 @@ def test_admission_is_bounded_by_free_rows_and_evicted_rows_are_reused(h: Harnes
     first = h.step()
     assert [r.request_id for r in first.prefill] == ["a", "b"]  # two rows only
     assert h.scheduler.num_waiting == 1
-    h.step()  # a generates its 2nd token and finishes; its row 0 is freed at once
+    a_blocks = list(h.scheduler.get("a").blocks)  # type: ignore[union-attr]
+    h.step()  # a generates its 2nd token and finishes; its blocks are freed at once
     assert h.finish("a").reason is FinishReason.LENGTH
+    assert all(h.scheduler.pool.ref_count[b] == 0 for b in a_blocks)
     third = h.step()
-    # b moved from row 1 into the freed row 0; c is admitted into row 1 in the same step
-    assert [(m.src, m.dst) for m in third.moves] == [(1, 0)]
-    assert third.moves[0].length == h.scheduler.get("b").kv_len - 1  # type: ignore[union-attr]
-    assert [(r.request_id, r.row) for r in third.decode] == [("b", 0)]
-    assert [(r.request_id, r.row) for r in third.prefill] == [("c", 1)]
+    # c is admitted into a's row in the same step that b decodes
+    assert [r.request_id for r in third.decode] == ["b"]
+    assert [r.request_id for r in third.prefill] == ["c"]
+    assert not set(third.decode[0].block_table) & set(third.prefill[0].block_table)
     while h.scheduler.has_work:
         h.step()
     assert h.tokens("b") == [20, 21, 22, 23]
@@ -141,7 +149,7 @@ def test_priority_then_arrival_order(h: Harness) -> None:
 
 def test_priority_is_worth_priority_step_s_seconds_of_waiting(tokenizer: Any) -> None:
     h = Harness(tokenizer, max_batch_rows=1, max_seq_len=64, priority_step=1.0)
-    h.add("busy", [5, 5, 5], max_new=3)
+    h.add("busy", [5, 5, 5], max_new=3, priority=5)  # outranks everyone: never preempted
     assert [r.request_id for r in h.step().prefill] == ["busy"]  # it holds the only row meanwhile
     h.add("early", [5], max_new=1, priority=0)
     h.clock.now += 0.5  # less than one step later: one more priority overtakes
@@ -182,14 +190,38 @@ def test_priority_step_must_be_positive(tokenizer: Any) -> None:
             Harness(tokenizer, priority_step=bad)
 
 
-def test_prefill_budget_limits_admissions_but_never_starves(tokenizer: Any) -> None:
-    h = Harness(tokenizer, max_batch_rows=8, max_seq_len=64, prefill_token_budget=10)
-    h.add("big", [1, 1], prompt_len=30, max_new=2)  # over the budget on its own
-    h.add("a", [1, 1], prompt_len=6, max_new=2)
-    h.add("b", [1, 1], prompt_len=6, max_new=2)
-    assert [r.request_id for r in h.step().prefill] == ["big"]
-    assert [r.request_id for r in h.step().prefill] == ["a"]  # 6 + 6 > 10
-    assert [r.request_id for r in h.step().prefill] == ["b"]
+def test_a_prompt_over_the_step_budget_is_prefilled_in_chunks(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_batch_rows=8, max_seq_len=64, step_token_budget=10, block_size=4)
+    h.add("big", [1, 1], prompt_len=30, max_new=2)  # three steps' worth on its own
+    h.add("a", [4, 4], prompt_len=6, max_new=2)
+    chunks: list[tuple[int, int]] = []
+    for _ in range(3):
+        plan = h.step()
+        assert plan.num_tokens <= 10
+        (row,) = [r for r in plan.prefill if r.request_id == "big"]
+        chunks.append((row.start, len(row.input_ids)))
+    assert chunks == [(0, 10), (10, 10), (20, 10)]  # the whole prompt, once, in order
+    assert h.tokens("big") == [1]  # its first token came with its last chunk
+    assert h.tokens("a") == []  # no budget was left for it meanwhile
+    while h.scheduler.has_work:
+        assert h.step().num_tokens <= 10
+    assert h.tokens("big") == [1, 1] and h.tokens("a") == [4, 4]
+
+
+def test_decodes_never_wait_for_a_long_prompt(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_batch_rows=8, max_seq_len=128, step_token_budget=8, block_size=4)
+    for i in range(4):
+        h.add(f"d{i}", [3] * 40, prompt_len=4, max_new=40)
+    for _ in range(10):  # the four short prompts, 8 tokens a step
+        h.step()
+        if all(h.tokens(f"d{i}") for i in range(4)):
+            break
+    h.add("long", [9], prompt_len=100, max_new=1)
+    for _ in range(10):
+        plan = h.step()
+        assert sorted(r.request_id for r in plan.decode) == ["d0", "d1", "d2", "d3"]
+        assert plan.num_tokens <= 8 or len(plan.prefill) == 1
+    assert h.scheduler.get("long").num_computed > 0  # type: ignore[union-attr]
 
 
 def test_eos_and_stop_token_and_length(h: Harness) -> None:
@@ -265,9 +297,8 @@ def test_cancel_running_frees_its_row_and_others_continue(h: Harness) -> None:
     assert h.scheduler.abort("a")
     plan = h.step()
     assert h.finish("a").reason is FinishReason.CANCELLED
-    assert [r.request_id for r in plan.decode] == ["b"]  # b moved into a's row 0
-    assert [(m.src, m.dst) for m in plan.moves] == [(1, 0)]
-    assert [r.request_id for r in plan.prefill] == ["c"]
+    assert [r.request_id for r in plan.decode] == ["b"]
+    assert [r.request_id for r in plan.prefill] == ["c"]  # in the row a gave back
     while h.scheduler.has_work:
         h.step()
     assert h.tokens("b") == [4] * 5 and h.tokens("c") == [3] * 3
@@ -303,7 +334,7 @@ def test_an_id_reused_after_a_cancel_admits_only_the_new_request(h: Harness) -> 
         if new.status.name == "FINISHED":
             break
     assert len(admitted) == 1 and admitted[0].prompt_len == 6  # the new request's prompt
-    assert old.row is None and new.num_generated == 3
+    assert old.blocks == [] and new.num_generated == 3
     assert h.tokens("w") == [5, 5, 5]
 
 
@@ -359,32 +390,83 @@ def test_usage_timings(h: Harness) -> None:
     assert usage.total_seconds == pytest.approx(0.02)
 
 
-def test_prefix_cache_copies_the_shared_prefix_into_the_new_row(tokenizer: Any) -> None:
-    h = Harness(
-        tokenizer,
-        max_batch_rows=2,
-        max_seq_len=64,
-        prefill_token_budget=100,
-        prefix_cache_rows=1,
-        prefix_min_tokens=4,
-    )
+def test_prefix_cache_reuses_the_full_blocks_of_a_shared_prefix(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_batch_rows=2, max_seq_len=64, num_blocks=32, block_size=4)
     first = h.add("a", [5, 5], prompt_len=10, max_new=2)
     plan = h.step()
-    assert plan.moves == [] and plan.prefill[0].start == 0
+    assert plan.prefill[0].start == 0
+    a_blocks = list(first.blocks)
     second = h.add("b", [6, 6], prompt_len=12, max_new=2)  # shares 10 tokens with a
     second.prompt_ids[10:] = [7, 8]
     second.token_ids[10:] = [7, 8]
     plan = h.step()
-    spare = 2  # the first row after the two batch rows
-    # a's prompt was saved into the spare row at the start of this step, then b copied 10 of it
-    assert [(m.src, m.dst, m.length) for m in plan.moves] == [(0, spare, 10), (spare, 1, 10)]
+    # a's two full blocks (8 tokens) are b's; the shared prefix ends mid-block, so b
+    # computes from token 8 on
     (pre,) = plan.prefill
-    assert pre.request_id == "b" and pre.start == 10 and list(pre.input_ids) == [7, 8]
+    assert pre.request_id == "b" and pre.start == 8 and list(pre.input_ids) == [108, 109, 7, 8]
+    assert list(pre.block_table[:2]) == a_blocks[:2]
+    assert pre.block_table[2] != a_blocks[2]
     while h.scheduler.has_work:
         h.step()
-    assert h.finish("b").usage.cached_prompt_tokens == 10
+    assert h.finish("b").usage.cached_prompt_tokens == 8
     assert h.finish("a").usage.cached_prompt_tokens == 0
     assert first.prompt_ids == list(range(100, 110))
+    assert h.scheduler.pool.num_used == 0  # every block given back; the cached ones stay free
+
+
+def test_cached_blocks_survive_their_request_until_the_pool_needs_them(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_batch_rows=4, max_seq_len=64, num_blocks=8, block_size=4)
+    h.add("a", [5], prompt_len=9, max_new=1)
+    h.step()  # a ends at once; its 2 full blocks stay cached
+    assert h.scheduler.pool.num_cached == 2
+    h.add("b", [5], prompt_len=9, max_new=1)
+    (row,) = h.step().rows  # one token left to compute: it runs as a decode row
+    assert row.start == 8  # a hit after a finished, before any eviction
+    h.add("c", [7], prompt_len=30, max_new=1)  # needs all 8 blocks; shares a's first 8 tokens
+    h.add("d", [8], prompt_len=8, max_new=1)  # waits for c, then misses: its blocks were reused
+    h.scheduler.get("d").token_ids[:] = h.scheduler.get("d").prompt_ids[:] = [9] * 8  # type: ignore[union-attr]
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("c").usage.cached_prompt_tokens == 8
+    assert h.tokens("c") == [7] and h.tokens("d") == [8]
+    assert h.scheduler.pool.num_used == 0 and h.scheduler.pool.num_cached <= 8
+
+
+def test_a_pool_running_dry_preempts_the_latest_request_which_resumes_where_it_was(
+    tokenizer: Any,
+) -> None:
+    # 6 blocks of 4: two requests of 4 + 16 tokens cannot both finish without one yielding
+    h = Harness(tokenizer, max_batch_rows=2, max_seq_len=24, num_blocks=6, block_size=4)
+    first = h.add("first", list(range(10, 26)), prompt_len=4, max_new=16)
+    h.clock.now += 0.001
+    second = h.add("second", list(range(30, 46)), prompt_len=4, max_new=16)
+    for _ in range(200):
+        if not h.scheduler.has_work:
+            break
+        h.step()
+    assert h.tokens("first") == list(range(10, 26))  # nothing missing, nothing twice
+    assert h.tokens("second") == list(range(30, 46))
+    assert second.num_preemptions >= 1 and first.num_preemptions == 0
+    assert h.finish("second").reason is FinishReason.LENGTH
+    assert h.scheduler.pool.num_used == 0
+
+
+def test_a_higher_priority_arrival_preempts_lower_priority_work(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_batch_rows=1, max_seq_len=64, num_blocks=16, block_size=4)
+    low = h.add("low", [1] * 6, max_new=6)
+    h.step()
+    h.step()
+    h.add("high", [3, 3], max_new=2, priority=3)
+    plan = h.step()
+    assert [r.request_id for r in plan.prefill] == ["high"]
+    assert low.num_preemptions == 1 and h.scheduler.num_waiting == 1
+    while h.scheduler.has_work:
+        h.step()
+    assert h.tokens("low") == [1] * 6 and h.tokens("high") == [3, 3]
+    # low resumed from its own cached full block (its prompt) and recomputed the two
+    # tokens it had generated
+    resumed = [r for p in h.worker.plans for r in p.prefill if r.request_id == "low"][-1]
+    assert resumed.start == 4 and list(resumed.input_ids) == [1, 1]
 
 
 def test_finished_requests_leave_the_deadline_heap(h: Harness) -> None:
@@ -425,5 +507,5 @@ def test_check_invariants_catches_a_row_held_by_a_finished_request(h: Harness) -
     h.step()
     h.scheduler.check_invariants()
     req.finish(FinishReason.ERROR, h.clock.now)  # finished behind the scheduler's back
-    with pytest.raises(InvariantError, match="row 0 holds a"):
+    with pytest.raises(InvariantError, match="a runs as"):
         h.scheduler.check_invariants()

@@ -84,10 +84,10 @@ def test_a_failed_worker_step_ends_its_rows_and_forgets_the_prefix_cache(
     tiny: LoadedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR)
-    checked = CheckedEngine(tiny, max_batch_rows=1, prefix_cache_rows=1)
+    checked = CheckedEngine(tiny, max_batch_rows=1, block_size=4)
     engine = checked.engine
-    # step 1 prefills "a" and caches its prompt (the copy is applied at step 2's start);
-    # step 2 fails before anything runs, so the cached copy never happened.
+    # step 1 prefills "a" and caches its prompt's full blocks; step 2 fails, and the
+    # cache is forgotten (the failed step's writes may be partial).
     engine.worker.execute = fail_on_call(  # type: ignore[method-assign]
         engine.worker.execute, {2}, RuntimeError("device lost")
     )
@@ -156,15 +156,15 @@ def test_an_admission_failure_ends_only_the_request_being_admitted(
 ) -> None:
     caplog.set_level(logging.ERROR)
     bad = prompt(7)
-    prefix = checked.engine.scheduler.prefix
-    match = prefix.match
+    scheduler = checked.engine.scheduler
+    cached_blocks = scheduler._cached_blocks
 
-    def picky_match(prompt_ids: list[int]) -> tuple[int, int] | None:
-        if prompt_ids == bad:
+    def picky_lookup(req: Any) -> list[int]:
+        if req.prompt_ids == bad:
             raise RuntimeError("prefix index corrupt")
-        return match(prompt_ids)
+        return cached_blocks(req)
 
-    prefix.match = picky_match  # type: ignore[method-assign]
+    scheduler._cached_blocks = picky_lookup  # type: ignore[method-assign]
     checked.submit_together([gen("a", prompt(6), 4), gen("bad", bad, 4), gen("c", prompt(8), 4)])
     got = checked.wait()
     assert_generic_error(got["bad"], caplog, "prefix index corrupt")

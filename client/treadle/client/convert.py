@@ -147,6 +147,7 @@ def model_info_from_proto(info: pb.ModelInfoResponse) -> ModelInfo:
         vocab_size=info.vocab_size,
         eos_token_ids=tuple(info.eos_token_ids),
         max_batch_rows=info.max_batch_rows,
+        kv_cache_tokens=info.kv_cache_tokens,
         default_max_new_tokens=info.default_max_new_tokens,
         max_stop_strings=info.max_stop_strings,
         max_plugins=info.max_plugins,

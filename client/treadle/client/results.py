@@ -61,6 +61,7 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     max_batch_rows: int
+    kv_cache_tokens: int  # positions of the KV cache pool
     default_max_new_tokens: int
     max_stop_strings: int
     max_plugins: int

@@ -278,7 +278,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template", "max_prompt_chars", "max_chat_messages", "max_request_id_bytes", "max_stop_string_chars", "max_stop_token_ids", "max_bad_words", "max_bad_word_chars", "max_bad_words_tokens", "max_logit_bias", "max_allowed_token_ids", "max_plugin_args_bytes", "max_plugin_args_depth", "max_priority", "max_session_requests", "max_stream_backlog", "max_plugin_name_bytes")
+    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template", "max_prompt_chars", "max_chat_messages", "max_request_id_bytes", "max_stop_string_chars", "max_stop_token_ids", "max_bad_words", "max_bad_word_chars", "max_bad_words_tokens", "max_logit_bias", "max_allowed_token_ids", "max_plugin_args_bytes", "max_plugin_args_depth", "max_priority", "max_session_requests", "max_stream_backlog", "max_plugin_name_bytes", "kv_cache_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class ModelInfoResponse(_message.Message):
     MAX_SESSION_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_BACKLOG_FIELD_NUMBER: _ClassVar[int]
     MAX_PLUGIN_NAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     max_total_tokens: int
@@ -339,7 +340,8 @@ class ModelInfoResponse(_message.Message):
     max_session_requests: int
     max_stream_backlog: int
     max_plugin_name_bytes: int
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_bad_words: _Optional[int] = ..., max_bad_word_chars: _Optional[int] = ..., max_bad_words_tokens: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_allowed_token_ids: _Optional[int] = ..., max_plugin_args_bytes: _Optional[int] = ..., max_plugin_args_depth: _Optional[int] = ..., max_priority: _Optional[int] = ..., max_session_requests: _Optional[int] = ..., max_stream_backlog: _Optional[int] = ..., max_plugin_name_bytes: _Optional[int] = ...) -> None: ...
+    kv_cache_tokens: int
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_bad_words: _Optional[int] = ..., max_bad_word_chars: _Optional[int] = ..., max_bad_words_tokens: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_allowed_token_ids: _Optional[int] = ..., max_plugin_args_bytes: _Optional[int] = ..., max_plugin_args_depth: _Optional[int] = ..., max_priority: _Optional[int] = ..., max_session_requests: _Optional[int] = ..., max_stream_backlog: _Optional[int] = ..., max_plugin_name_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt", "chat")

@@ -71,24 +71,29 @@ class Engine:
             WorkerConfig(
                 max_batch_rows=config.max_batch_rows,
                 max_seq_len=config.max_seq_len,
+                kv_cache_memory=config.kv_cache_memory,
+                block_size=config.block_size,
                 seed=config.seed,
-                prefix_cache_rows=config.prefix_cache_rows,
             ),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_batch_rows=self.worker.max_batch_rows,
+                num_blocks=self.worker.num_blocks,
+                block_size=self.worker.block_size,
+                max_batch_rows=config.max_batch_rows,
                 max_seq_len=self.worker.max_seq_len,
-                prefill_token_budget=config.prefill_token_budget,
-                prefix_cache_rows=config.prefix_cache_rows,
+                step_token_budget=config.step_token_budget,
+                prefix_cache=config.prefix_cache,
                 priority_step=config.priority_step,
             )
         )
         self.plugins = plugins or default_registry()
+        pool_tokens = self.scheduler.config.pool_tokens
         self.model_limits = ModelLimits(
             vocab_size=loaded.vocab_size,
-            max_total_tokens=self.worker.max_seq_len,
+            max_total_tokens=min(self.worker.max_seq_len, pool_tokens),
             eos_token_ids=loaded.eos_token_ids,
+            bound="context" if self.worker.max_seq_len <= pool_tokens else "KV pool",
         )
         self.inputs = InputProcessor(loaded.tokenizer, loaded.vocab_size)
         self.factory = RequestFactory(self.inputs, self.model_limits, config.limits, self.plugins)
@@ -159,6 +164,8 @@ class Engine:
             vocab_size=self.loaded.vocab_size,
             eos_token_ids=self.loaded.eos_token_ids,
             max_batch_rows=self.scheduler.config.max_batch_rows,
+            kv_cache_tokens=self.scheduler.config.pool_tokens,
+            block_size=self.scheduler.config.block_size,
             max_waiting=self.config.max_waiting,
             max_prompt_chars=self.factory.max_prompt_chars,
             plugins=tuple(self.plugins.names()),
@@ -375,6 +382,8 @@ class Engine:
             tokens or StepTokens(),
             running=self.scheduler.num_running,
             waiting=self.scheduler.num_waiting,
+            preempted=self.scheduler.preempted,
+            kv_blocks_used=self.scheduler.pool.num_used,
             step_seconds=seconds,
         )
 

@@ -21,6 +21,8 @@ class EngineInfo:
     vocab_size: int  # width of the model's logits
     eos_token_ids: tuple[int, ...]  # every id that ends generation
     max_batch_rows: int  # requests running at once
+    kv_cache_tokens: int  # positions the KV pool holds, all requests together
+    block_size: int  # positions per KV block
     max_waiting: int  # accepted requests waiting for a row; more are refused
     max_prompt_chars: int  # characters of a prompt or chat, checked before tokenizing
     plugins: tuple[str, ...]  # names of the registered plugins, sorted

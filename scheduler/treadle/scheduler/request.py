@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from ..api.outcome import FinishReason, Usage
 from ..worker.params import SamplingParams
 from ..worker.plan import RowInput, RowOutput
+from .block_pool import BlockHash
 from .detokenizer import IncrementalDetokenizer
 from .events import Cause, Ending, Event, FinishEvent, TokenEvent
 from .stop_strings import StopStringMatcher
@@ -18,8 +19,8 @@ EventSink = Callable[[list[Event]], None]  # receives a request's events of one 
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"  # queued, holds no row
-    RUNNING = "running"  # holds a KV row; prefilled or about to be
+    WAITING = "waiting"  # queued (new, or preempted), holds no KV block
+    RUNNING = "running"  # holds KV blocks; prefilling in chunks or decoding
     FINISHED = "finished"  # terminal event emitted; holds nothing
 
 
@@ -56,11 +57,12 @@ class Request:
 
     token_ids: list[int] = field(init=False)  # prompt + generated
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
-    row: int | None = field(default=None, init=False)  # KV row while running
-    admitted_at: float | None = field(default=None, init=False)
-    cached_len: int = field(
-        default=0, init=False
-    )  # prompt tokens whose KV came from the prefix cache
+    blocks: list[int] = field(default_factory=list, init=False)  # KV block table while running
+    num_computed: int = field(default=0, init=False)  # leading token_ids whose KV is in blocks
+    block_hashes: list[BlockHash] = field(default_factory=list, init=False)  # of full blocks
+    num_preemptions: int = field(default=0, init=False)
+    admitted_at: float | None = field(default=None, init=False)  # first admission
+    cached_len: int = field(default=0, init=False)  # prompt tokens found in the prefix cache
     first_token_at: float | None = field(default=None, init=False)
     last_token_at: float | None = field(default=None, init=False)
     cancel_reason: Ending | None = field(default=None, init=False)
@@ -82,14 +84,14 @@ class Request:
         return len(self.token_ids) - len(self.prompt_ids)
 
     @property
-    def is_prefilled(self) -> bool:
-        """True once the prompt is in the KV row (a first token was generated)."""
-        return self.num_generated > 0
+    def num_uncomputed(self) -> int:
+        """Tokens still to feed before the next token can be chosen (≥ 1 while it runs)."""
+        return len(self.token_ids) - self.num_computed
 
     @property
-    def kv_len(self) -> int:
-        """Positions of this request held in its KV row."""
-        return len(self.token_ids) - 1 if self.is_prefilled else 0
+    def is_decoding(self) -> bool:
+        """Everything but the last token is in the KV blocks: the next step feeds one token."""
+        return self.num_computed > 0 and self.num_uncomputed == 1
 
     @property
     def max_total_tokens(self) -> int:
@@ -100,30 +102,38 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def row_input(self) -> RowInput:
-        """How the worker sees this request this step (prefill or decode)."""
-        assert self.row is not None
-        if self.is_prefilled:
-            input_ids: list[int] = self.token_ids[-1:]
-            start = len(self.token_ids) - 1
-        else:
-            input_ids, start = self.prompt_ids[self.cached_len :], self.cached_len
+    def row_input(self, num_tokens: int) -> RowInput:
+        """How the worker sees this request this step: its next `num_tokens` tokens
+        (the block table is the request's own list: valid for this step)."""
+        start = self.num_computed
         return RowInput(
             request_id=self.request_id,
-            row=self.row,
-            input_ids=input_ids,
+            input_ids=self.token_ids[start : start + num_tokens],
             start=start,
+            block_table=self.blocks,
             token_ids=self.token_ids,
             prompt_len=self.prompt_len,
             params=self.sampling,
         )
 
     # -- transitions ---------------------------------------------------------
-    def admit(self, row: int, now: float, cached_len: int = 0) -> None:
+    def admit(self, now: float, cached_blocks: list[int], block_size: int) -> None:
+        """Start running, its first `len(cached_blocks)` blocks found in the prefix cache."""
         self.status = RequestStatus.RUNNING
-        self.row = row
-        self.admitted_at = now
-        self.cached_len = cached_len
+        self.blocks = list(cached_blocks)
+        self.num_computed = len(cached_blocks) * block_size
+        if self.admitted_at is None:  # first admission (not a resumption)
+            self.admitted_at = now
+            self.cached_len = min(self.num_computed, self.prompt_len)
+
+    def preempt(self) -> list[int]:
+        """Back to waiting, its KV dropped (it is recomputed on resumption, generated tokens
+        included); returns the blocks it held, for the caller to free."""
+        blocks, self.blocks = self.blocks, []
+        self.status = RequestStatus.WAITING
+        self.num_computed = 0
+        self.num_preemptions += 1
+        return blocks
 
     def accept(self, out: RowOutput, now: float) -> list[Event]:
         """Apply one generated token; return its events (a FinishEvent last if it ended)."""
@@ -159,7 +169,6 @@ class Request:
     ) -> FinishEvent:
         """Mark the request finished and build its terminal event."""
         self.status = RequestStatus.FINISHED
-        self.row = None
         return FinishEvent(
             request_id=self.request_id,
             reason=reason,

@@ -1,32 +1,40 @@
 """The scheduler: which requests run each step, and what their tokens mean.
 
-Scheduling model
-----------------
+Scheduling model (vLLM v1's, with treadle's priorities)
+--------------------------------------------------------
 Requests wait in a queue ordered by virtual arrival, `arrival - priority *
 priority_step` (earliest first): a larger priority goes first among requests
 that arrived close together, and every `priority_step` seconds of waiting
 count as one priority step, so no flood of higher-priority requests starves a
-lower one for ever (`waiting_queue.py`).
-Each running request holds one KV row from its prefill to its end; running
-rows are always rows 0..n-1 (the worker's slot layout).
+lower one for ever (`waiting_queue.py`). The same order ranks the running
+requests: the last in it is the first preempted.
+
+KV memory is a pool of fixed-size blocks (`block_pool.py`); a running
+request holds a block table covering the tokens computed so far, and takes
+blocks as its tokens arrive. Each step has a token budget.
 
 `schedule()` builds one step:
   1. requests cancelled (by the client, a deadline or shutdown) since the
-     last step finish now, and their rows are freed;
-  2. freed rows are compacted: the last rows move into the holes, and the
-     plan carries those KV moves for the worker to apply first;
-  3. every running request decodes one token;
-  4. waiting requests are admitted in queue order while a row is free and the
-     step's prefill token budget lasts; the first admission of a step ignores
-     the budget, so a prompt longer than the budget is never starved. A newly
-     admitted request whose prompt begins like a recently cached one gets
-     that prefix's KV copied into its row and prefills only the rest
-     (`prefix_cache.py`).
-`update(plan, output)` appends each row's token, detokenizes, checks the
-stopping rules, emits the events, and frees the rows of finished requests in
-the same step, so their rows are reused by the next `schedule()`.
-
-There is no preemption: a request keeps its row until it ends.
+     last step finish now, and their blocks are freed;
+  2. every running request that decodes feeds its one token (decodes come
+     first and are never cut by the budget);
+  3. running requests still prefilling get chunks of their prompt from what
+     is left of the budget, in rank order;
+  4. waiting requests are admitted in queue order while a row
+     (`max_batch_rows`) and budget remain. An admitted request first takes
+     every cached full block of its prompt (prefix cache) and computes only
+     the rest, in chunks. A request with a higher priority than the last
+     running one preempts it when rows or blocks are short.
+  If a row cannot get the block its tokens need, the lowest-ranked running
+  request is preempted: its blocks are freed and it goes back to the
+  waiting queue with its generated tokens, to be recomputed (prompt +
+  generated) when it is admitted again. Its client sees only latency.
+  Each step moves at least one chunk forward (the first chunk of a step may
+  exceed the budget by up to a block), so no prompt starves behind decodes.
+`update(plan, output)` marks the fed tokens computed, registers the full
+blocks they completed in the prefix cache, appends each sampling row's token,
+detokenizes, checks the stopping rules, emits the events, and frees the
+blocks of finished requests in the same step.
 
 Failures end only what they touch: a row whose token cannot be applied (its
 detokenizer or stop matcher raises) ends with ERROR and the other rows of the
@@ -42,17 +50,16 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..api.outcome import FinishReason
-from ..worker.plan import RowInput, RowMove, RowOutput, StepOutput, StepPlan
+from ..worker.plan import RowOutput, StepOutput, StepPlan
+from .block_pool import BlockPool, chain_hashes
 from .engine_config import DEFAULT_PRIORITY_STEP
 from .errors import log_internal_error
 from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event
-from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
-from .row_table import RowTable
 from .waiting_queue import WaitingQueue
 
 log = logging.getLogger("treadle.scheduler")
@@ -78,12 +85,17 @@ def require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_batch_rows: int = 64  # KV rows: the most requests running at once
-    max_seq_len: int = 2048  # KV positions per row: prompt + new tokens of one request
-    prefill_token_budget: int = 512  # prompt tokens admitted per step (soft, see above)
-    prefix_cache_rows: int = 4  # KV rows after max_batch_rows caching recent prompts; 0 = off
-    prefix_min_tokens: int = 8  # shortest shared prefix worth copying
+    num_blocks: int = 1024  # KV blocks in the pool (the worker's)
+    block_size: int = 16  # KV positions per block (the worker's)
+    max_batch_rows: int = 64  # the most requests running at once
+    max_seq_len: int = 2048  # positions one request may hold: prompt + new tokens
+    step_token_budget: int = 256  # tokens fed per step: decodes first, then prompt chunks
+    prefix_cache: bool = True  # reuse cached full blocks of earlier prompts
     priority_step: float = DEFAULT_PRIORITY_STEP  # seconds of waiting worth one priority step
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
 
 @dataclass(slots=True)
@@ -107,17 +119,15 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.rows = RowTable(config.max_batch_rows)
+        self.pool = BlockPool(config.num_blocks, config.block_size, config.prefix_cache)
         self.waiting = WaitingQueue(self.config.priority_step)
-        self.prefix = PrefixCache(
-            config.max_batch_rows, config.prefix_cache_rows, config.prefix_min_tokens
-        )
+        self.running: list[Request] = []  # in rank order after each `schedule()`
         self._by_id: dict[str, Request] = {}  # every waiting and running request
-        self._pending_moves: list[RowMove] = []
         self._to_cancel: dict[str, Request] = {}  # running requests aborted since the last step
         self._deadlines: list[tuple[float, int, Request]] = []  # heap; finished ones pruned lazily
         self._outbox: list[tuple[Request, list[Event]]] = []
         self._step = 0
+        self.preempted = 0  # preemptions during the last `schedule()`
 
     # -- state ---------------------------------------------------------------
     @property
@@ -126,7 +136,7 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self.rows)
+        return len(self.running)
 
     @property
     def has_work(self) -> bool:
@@ -151,13 +161,14 @@ class Scheduler:
 
     # -- inputs --------------------------------------------------------------
     def add(self, req: Request) -> None:
-        """Queue a validated request (one that fits a KV row: validation checks it)."""
+        """Queue a validated request (one the pool can hold: validation checks it)."""
         if req.request_id in self._by_id:
             raise ValueError(f"request {req.request_id} is already scheduled")
-        if req.max_total_tokens > self.config.max_seq_len:
+        most = min(self.config.max_seq_len, self.config.pool_tokens)
+        if req.max_total_tokens > most:
             raise ValueError(
                 f"request {req.request_id} needs {req.max_total_tokens} KV positions; "
-                f"rows hold {self.config.max_seq_len}"
+                f"at most {most} fit"
             )
         self._by_id[req.request_id] = req
         self.waiting.push(req)
@@ -168,7 +179,7 @@ class Scheduler:
         """Ask for a request to end. False if unknown or already asked.
 
         A waiting request ends at once (its event waits in `take_events`); a
-        running one at the next `schedule()`, which frees its row.
+        running one at the next `schedule()`, which frees its blocks.
         """
         req = self._by_id.get(request_id)
         if req is None or req.cancel_reason is not None:
@@ -187,15 +198,21 @@ class Scheduler:
         now = self.clock()
         self._finish_cancelled(now)
         self._step += 1
-        plan = StepPlan(step=self._step, moves=self._pending_moves)
-        self._pending_moves = []
-        plan.decode = [req.row_input() for req in self.rows]
-        budget = self.config.prefill_token_budget
-        while self.rows.has_free_row and (req := self.waiting.peek()) is not None:
+        self.preempted = 0
+        plan = StepPlan(step=self._step)
+        self.running.sort(key=self.waiting.key)
+        for req in [r for r in self.running if r.is_decoding]:
+            if req.status is RequestStatus.RUNNING:  # not preempted meanwhile
+                self._run(req, 1, plan)
+        budget = self.config.step_token_budget - len(plan.decode)
+        for req in [r for r in self.running if not r.is_decoding]:
+            if req.status is RequestStatus.RUNNING:
+                budget -= self._run(req, self._chunk(req, budget, plan), plan)
+        while (head := self.waiting.peek()) is not None:
             try:
-                cost = self._admit(req, plan, budget, now)
+                cost = self._admit(head, self._chunk(head, budget, plan), plan, now)
             except Exception:
-                self._reject(req, plan, now, internal_error(f"admitting {req.request_id} failed"))
+                self._reject(head, plan, now, internal_error(f"admitting {head.request_id} failed"))
                 continue
             if cost is None:
                 break
@@ -203,43 +220,35 @@ class Scheduler:
         return plan
 
     def update(self, plan: StepPlan, output: StepOutput) -> StepTokens:
-        """Apply the worker's output to the plan's requests; emit events; free finished rows.
+        """Apply the worker's output to the plan's requests; emit events; free finished ones.
 
         One row failing (its token cannot be applied) ends that request with
         ERROR; the other rows' tokens are applied as usual.
         """
         now = self.clock()
-        freed: list[int] = []
+        for row_in in plan.rows:
+            self._computed(self._by_id[row_in.request_id], len(row_in.input_ids))
         tokens = StepTokens()
-        for row_in, out in zip(plan.rows, output.rows, strict=True):
+        for row_in, out in zip(plan.sampled_rows, output.rows, strict=True):
             req = self._by_id[row_in.request_id]
             events = self._apply(req, out, now, tokens)
             if req.is_finished:
-                freed.append(row_in.row)
                 self._retire(req, events)
             else:
                 self._outbox.append((req, events))
-        self._cache_prompts(plan.prefill)
-        self._free_rows(freed)
         return tokens
 
     def fail(self, plan: StepPlan, message: str) -> None:
-        """The step failed as a whole: end its requests with an error; the waiting ones go on.
+        """The step failed as a whole: end its requests with an error; the others go on.
 
-        Every running request is in its step's plan, so no row stays held. The
-        prefix cache is emptied too: the step's KV copies may not have happened.
+        The prefix cache is emptied too: the step's KV writes may not have happened.
         """
         now = self.clock()
         for row_in in plan.rows:
             req = self._by_id.get(row_in.request_id)
             if req is not None and req.status is RequestStatus.RUNNING:
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
-        for req in list(self.rows):  # none left unless the plan was not this step's
-            if not req.is_finished:
-                self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
-        self.rows = RowTable(self.config.max_batch_rows)
-        self._pending_moves = []
-        self.prefix.clear()
+        self.pool.clear_cache()
 
     def fail_all(self, message: str) -> None:
         """End every request (waiting and running) with an error and reset the bookkeeping.
@@ -248,16 +257,18 @@ class Scheduler:
         nothing is held and the scheduler is ready for new requests.
         """
         now = self.clock()
-        for req in [*self._by_id.values(), *self.rows]:
+        for req in [*self._by_id.values(), *self.running]:
             if not req.is_finished:
+                req.blocks = []  # the pool is replaced below
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
         self._by_id.clear()
-        self.rows = RowTable(self.config.max_batch_rows)
+        self.running = []
         self.waiting = WaitingQueue(self.config.priority_step)
+        self.pool = BlockPool(
+            self.config.num_blocks, self.config.block_size, self.pool.cache_prefixes
+        )
         self._to_cancel.clear()
         self._deadlines.clear()
-        self._pending_moves = []
-        self.prefix.clear()
 
     def take_events(self) -> list[tuple[Request, list[Event]]]:
         """Events produced since the last call, grouped per request, in order."""
@@ -267,21 +278,35 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Raise InvariantError unless the bookkeeping is consistent (for tests and debugging).
 
-        Rows 0..n-1 hold the running requests, each knowing its row; the id
-        registry is exactly the waiting plus the running requests; nothing
-        finished is held (the deadline heap keeps a bounded number of stale
-        entries, pruned lazily); pending cancellations are of held requests.
+        Every block is either free or held, and held exactly as often as block
+        tables of running requests name it; a running request's table covers
+        its computed tokens; waiting requests hold nothing; the id registry is
+        exactly the waiting plus the running requests; nothing finished is held
+        (the deadline heap keeps a bounded number of stale entries, pruned
+        lazily); pending cancellations are of held requests.
         """
-        running = list(self.rows)
-        require(len(running) <= self.rows.capacity, "more running requests than rows")
-        for i, req in enumerate(running):
+        running = list(self.running)
+        require(len(running) <= self.config.max_batch_rows, "more running requests than rows")
+        holders = [0] * self.pool.num_blocks
+        for req in running:
+            require(req.status is RequestStatus.RUNNING, f"{req.request_id} runs as {req.status}")
+            need = -(-req.num_computed // self.config.block_size)
+            require(len(req.blocks) >= need, f"{req.request_id}'s blocks miss computed tokens")
             require(
-                req.status is RequestStatus.RUNNING and req.row == i,
-                f"row {i} holds {req.request_id} ({req.status.value}, row {req.row})",
+                len(set(req.blocks)) == len(req.blocks), f"{req.request_id} holds a block twice"
             )
+            for block in req.blocks:
+                holders[block] += 1
+        for block, count in enumerate(holders):
+            require(
+                self.pool.ref_count[block] == count,
+                f"block {block}: {count} holders, reference count {self.pool.ref_count[block]}",
+            )
+            require(self.pool.is_free(block) == (count == 0), f"block {block}: free and held")
         waiting = list(self.waiting)
         for req in waiting:
             require(req.status is RequestStatus.WAITING, f"{req.request_id} queued but not waiting")
+            require(not req.blocks and req.num_computed == 0, f"{req.request_id} waits with KV")
         held = {id(r) for r in running} | {id(r) for r in waiting}
         require(len(held) == len(running) + len(waiting), "a request both waits and runs")
         by_id = {id(r) for r in self._by_id.values()}
@@ -296,30 +321,111 @@ class Scheduler:
         )
         require(self.waiting.is_pruned, "the waiting queue holds too many removed entries")
 
-    # -- helpers ---------------------------------------------------------------
-    def _admit(self, req: Request, plan: StepPlan, budget: int, now: float) -> int | None:
-        """Admit the queue's head into the plan; return its prompt cost (None: over budget)."""
-        hit = self.prefix.match(req.prompt_ids)
-        cached = hit[1] if hit else 0
-        cost = req.prompt_len - cached
-        if plan.prefill and cost > budget:
-            return None
-        self.waiting.pop()
-        row = self.rows.allocate(req)
-        req.admit(row, now, cached)
-        if hit:
-            self.prefix.use(hit[0])
-            plan.moves.append(RowMove(src=hit[0], dst=row, length=cached))
-        plan.prefill.append(req.row_input())
-        return cost
+    # -- helpers: blocks and chunks ---------------------------------------------
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.config.block_size)
 
+    def _fits(self, req: Request, free: int) -> int:
+        """How many more tokens `req`'s blocks plus `free` new blocks can hold."""
+        room = (len(req.blocks) + free) * self.config.block_size
+        return max(0, room - req.num_computed)
+
+    def _chunk(self, req: Request, budget: int, plan: StepPlan) -> int:
+        """Tokens `req` may feed this step from `budget`: at least a block's worth (or
+        what it has left) when the step has no chunk yet, so prompts always advance."""
+        if not plan.prefill:
+            budget = max(budget, self.config.block_size)
+        return max(0, min(req.num_uncomputed, budget))
+
+    def _run(self, req: Request, n: int, plan: StepPlan) -> int:
+        """Put `n` tokens of running `req` in the plan, taking the blocks they need; when
+        none is free, preempt from the bottom of the ranking (possibly `req` itself).
+        Returns the tokens planned (fewer than `n` if the free blocks hold fewer)."""
+        if n <= 0:
+            return 0
+        while (fit := min(n, self._fits(req, self.pool.num_free))) == 0:
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is req:
+                return 0
+        extra = self._blocks_for(req.num_computed + fit) - len(req.blocks)
+        req.blocks.extend(self.pool.allocate(max(0, extra)))
+        row = req.row_input(fit)
+        (plan.decode if req.is_decoding else plan.prefill).append(row)
+        return fit
+
+    def _admit(self, req: Request, n: int, plan: StepPlan, now: float) -> int | None:
+        """Admit the queue's head with a chunk of at most `n` tokens; return the tokens
+        planned (None: it waits, for want of budget, rows or blocks)."""
+        if n <= 0:
+            return None
+        if len(self.running) >= self.config.max_batch_rows:
+            return 0 if self._preempt_for(req, plan) else None
+        cached = self._cached_blocks(req)
+        after_hit = len(req.token_ids) - len(cached) * self.config.block_size
+        reusable_free = sum(1 for b in cached if self.pool.is_free(b))
+        free = self.pool.num_free - reusable_free
+        room = (len(cached) + free) * self.config.block_size - len(cached) * self.config.block_size
+        fit = min(n, after_hit, room)
+        if fit <= 0:
+            return 0 if self._preempt_for(req, plan) else None
+        self.waiting.pop()
+        self.pool.touch(cached)
+        req.admit(now, cached, self.config.block_size)
+        self.running.append(req)
+        return self._run(req, fit, plan)
+
+    def _cached_blocks(self, req: Request) -> list[int]:
+        """The cached blocks `req` can start from: full blocks of its known tokens, always
+        leaving at least one token to feed (its logits give the next token)."""
+        usable = (len(req.token_ids) - 1) // self.config.block_size
+        if usable == 0 or not self.pool.cache_prefixes:
+            return []
+        self._hash_blocks(req, usable)
+        return self.pool.cached_prefix(req.block_hashes[:usable])
+
+    def _hash_blocks(self, req: Request, full: int) -> None:
+        """Extend `req.block_hashes` to its first `full` full blocks."""
+        have = len(req.block_hashes)
+        if have < full:
+            parent = req.block_hashes[-1] if have else None
+            tokens = req.token_ids[: full * self.config.block_size]
+            req.block_hashes.extend(chain_hashes(tokens, self.config.block_size, have, parent))
+
+    def _computed(self, req: Request, n: int) -> None:
+        """`n` more tokens of `req` are in its blocks: register the blocks they filled."""
+        first = req.num_computed // self.config.block_size
+        req.num_computed += n
+        full = req.num_computed // self.config.block_size
+        if self.pool.cache_prefixes and full > first:
+            self._hash_blocks(req, full)
+            for i in range(first, full):
+                self.pool.register(req.blocks[i], req.block_hashes[i])
+
+    def _preempt_for(self, req: Request, plan: StepPlan) -> bool:
+        """Preempt the last running request for waiting `req` if `req` outranks it in
+        priority; True if it did."""
+        if not self.running or self.running[-1].priority >= req.priority:
+            return False
+        self._preempt(self.running[-1], plan)
+        return True
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        """Free `req`'s blocks and queue it again; drop its row from this step's plan."""
+        self.running.remove(req)
+        self.pool.free(req.preempt())
+        self.waiting.push(req)
+        self.preempted += 1
+        plan.decode = [r for r in plan.decode if r.request_id != req.request_id]
+        plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
+        log.debug("step %d: preempted %s", plan.step, req.request_id)
+
+    # -- helpers: outcomes ---------------------------------------------------------
     def _reject(self, req: Request, plan: StepPlan, now: float, message: str) -> None:
         """Undo a failed admission of `req` and end it with `message`."""
         self.waiting.remove(req)
-        if self.rows.release_last(req):  # it took the last row: freeing it moves nothing
-            row = len(self.rows)
-            plan.moves = [m for m in plan.moves if m.dst != row]
-            plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
+        plan.decode = [r for r in plan.decode if r.request_id != req.request_id]
+        plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
         self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
 
     def _apply(self, req: Request, out: RowOutput, now: float, tokens: StepTokens) -> list[Event]:
@@ -333,20 +439,9 @@ class Scheduler:
             message = internal_error(f"applying a token to {req.request_id} failed")
             return [req.finish(FinishReason.ERROR, now, message=message)]
 
-    def _cache_prompts(self, prefilled: list[RowInput]) -> None:
-        """Cache the prompts just prefilled, before compaction (a failure only costs the cache)."""
-        try:
-            for row_in in prefilled:
-                save = self.prefix.save(self._prompt_of(row_in), row_in.row)
-                if save is not None:
-                    self._pending_moves.append(save)
-        except Exception:
-            internal_error("caching prompts failed; the prefix cache is emptied")
-            self.prefix.clear()
-
     def _cancel(self, req: Request, ending: Ending, now: float) -> None:
         req.cancel_reason = ending
-        if req.status is RequestStatus.WAITING:  # holds no row: it leaves the queue now
+        if req.status is RequestStatus.WAITING:  # holds no block: it leaves the queue now
             self.waiting.remove(req)
             self._end(req, ending, now)
         else:
@@ -357,25 +452,27 @@ class Scheduler:
             req = heapq.heappop(self._deadlines)[2]
             if not req.is_finished and req.cancel_reason is None:
                 self._cancel(req, DEADLINE_EXCEEDED, now)
-        freed: list[int] = []
         for req in list(self._to_cancel.values()):  # running: waiting ones ended in `_cancel`
-            if req.row is not None:
-                freed.append(req.row)
             self._end(req, req.cancel_reason or CANCELLED, now)
         self._to_cancel.clear()
-        self._free_rows(freed)
 
     def _end(self, req: Request, ending: Ending, now: float) -> None:
         finish = req.finish(ending.reason, now, message=ending.message, cause=ending.cause)
         self._retire(req, [finish])
 
     def _retire(self, req: Request, events: list[Event]) -> None:
-        """`req` has finished: queue its last events and forget it everywhere but its row."""
+        """`req` has finished: queue its last events, free its blocks, forget it."""
         self._outbox.append((req, events))
+        if req.blocks:
+            self.pool.free(req.blocks)
+            req.blocks = []
+        if req in self.running:
+            self.running.remove(req)
         if self._by_id.get(req.request_id) is req:
             del self._by_id[req.request_id]
         if self._to_cancel.get(req.request_id) is req:
             del self._to_cancel[req.request_id]
+        self.waiting.remove(req)
         self._prune_deadlines()
 
     def _prune_deadlines(self) -> None:
@@ -385,10 +482,3 @@ class Scheduler:
         elif len(self._deadlines) > 2 * len(self._by_id) + _STALE_SLACK:
             self._deadlines = [e for e in self._deadlines if not e[2].is_finished]
             heapq.heapify(self._deadlines)
-
-    @staticmethod
-    def _prompt_of(row_in: RowInput) -> list[int]:
-        return list(row_in.token_ids[: row_in.prompt_len])
-
-    def _free_rows(self, rows: Iterable[int]) -> None:
-        self._pending_moves.extend(self.rows.free(rows))

@@ -27,8 +27,9 @@ class ModelLimits:
     """What the loaded model and the KV cache allow."""
 
     vocab_size: int
-    max_total_tokens: int  # prompt + new tokens: min(model context, KV positions per row)
+    max_total_tokens: int  # prompt + new tokens one request may hold: min(context, KV pool)
     eos_token_ids: tuple[int, ...]
+    bound: str = "context"  # what sets max_total_tokens, named in messages ("KV pool")
 
 
 class RequestFactory:
@@ -118,11 +119,10 @@ class RequestFactory:
             if len(word) > most:
                 raise ValidationError(f"bad_words[{i}]", f"is longer than {most} characters")
 
-    @staticmethod
-    def _too_long(prompt_len: int, limit: int) -> str:
+    def _too_long(self, prompt_len: int, limit: int) -> str:
         return (
             f"is {prompt_len} tokens; the limit is {limit - 1} "
-            f"(context {limit} minus at least one new token)"
+            f"({self.model.bound} {limit} minus at least one new token)"
         )
 
     def _max_new_tokens(self, gen: GenerationRequest, prompt_len: int) -> int:
@@ -137,7 +137,7 @@ class RequestFactory:
             raise ValidationError(
                 "max_new_tokens",
                 f"{gen.max_new_tokens} plus the prompt's {prompt_len} tokens exceeds the "
-                f"context limit of {limit} tokens",
+                f"{self.model.bound} limit of {limit} tokens",
             )
         return gen.max_new_tokens
 

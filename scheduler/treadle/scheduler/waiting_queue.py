@@ -23,7 +23,7 @@ _STALE_SLACK = 16  # removed entries tolerated in the heap beyond the live ones
 
 
 class WaitingQueue:
-    """Requests waiting for a row.
+    """Requests waiting to run.
 
     `remove` takes a request out at once (it no longer counts, and is never
     popped); its heap entry is dropped lazily, and the heap is rebuilt when
@@ -46,10 +46,15 @@ class WaitingQueue:
         """The live requests, in no particular order."""
         return iter(list(self._live))
 
+    def key(self, req: Request) -> float:
+        """`req`'s virtual arrival: the smaller, the sooner it is served (and the later it
+        is preempted)."""
+        return req.arrival - req.priority * self.priority_step
+
     def push(self, req: Request) -> None:
-        """Queue `req` at its virtual arrival (ties: in push order)."""
-        key = req.arrival - req.priority * self.priority_step
-        heapq.heappush(self._heap, (key, next(self._order), req))
+        """Queue `req` at its virtual arrival (ties: in push order; a preempted request
+        comes back at its own, ahead of everything that arrived after it)."""
+        heapq.heappush(self._heap, (self.key(req), next(self._order), req))
         self._live.add(req)
 
     def peek(self) -> Request | None:

@@ -37,14 +37,24 @@ class ServerMetrics:
         Gauge("treadle_model_info", "The served model.", ["model"], registry=r).labels(
             model=model_name
         ).set(1)
-        self.queue_depth = Gauge("treadle_queue_depth", "Requests waiting for a row.", registry=r)
-        self.running = Gauge("treadle_running_requests", "Requests holding a KV row.", registry=r)
-        self.kv_rows = Gauge("treadle_kv_rows", "KV rows for running requests.", registry=r)
+        self.queue_depth = Gauge("treadle_queue_depth", "Requests waiting to run.", registry=r)
+        self.running = Gauge("treadle_running_requests", "Requests holding KV blocks.", registry=r)
+        self.kv_tokens = Gauge(
+            "treadle_kv_cache_tokens", "Positions the KV cache pool holds.", registry=r
+        )
         self.kv_usage = Gauge(
-            "treadle_kv_usage_ratio", "Share of KV rows held by running requests.", registry=r
+            "treadle_kv_usage_ratio", "Share of KV blocks held by running requests.", registry=r
+        )
+        self.preemptions = Counter(
+            "treadle_preemptions", "Running requests sent back to the queue.", registry=r
         )
         self.prompt_tokens = Counter(
             "treadle_prompt_tokens", "Prompt tokens of finished requests.", registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "treadle_cached_prompt_tokens",
+            "Prompt tokens of finished requests found in the prefix cache.",
+            registry=r,
         )
         self.generated_tokens = Counter("treadle_generated_tokens", "Tokens generated.", registry=r)
         self.tokens_per_second = Gauge(
@@ -101,22 +111,25 @@ class ServerMetrics:
             registry=r,
         )
         self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self._kv_blocks = 0  # the pool's, once attached
         self._lock = threading.Lock()
         self.tokens_per_second.set_function(self._rate)
 
     def attach(self, engine: Engine) -> None:
         """Follow `engine`: state gauges read it at scrape time, steps feed the rest."""
         self.queue_depth.set_function(lambda: engine.num_waiting)
-        rows = engine.info.max_batch_rows
         self.running.set_function(lambda: engine.num_running)
-        self.kv_rows.set(rows)
-        self.kv_usage.set_function(lambda: engine.num_running / rows)
+        self.kv_tokens.set(engine.info.kv_cache_tokens)
+        self._kv_blocks = engine.info.kv_cache_tokens // engine.info.block_size
         engine.step_observers.append(self.observe_step)
 
     def observe_step(self, stats: StepStats) -> None:
         """Feed one step's figures (called on the engine's step thread)."""
         self.generated_tokens.inc(stats.generated_tokens)
         self._observe_rate(stats.generated_tokens)
+        self.preemptions.inc(stats.preempted)
+        if self._kv_blocks:
+            self.kv_usage.set(stats.kv_blocks_used / self._kv_blocks)
         rows = stats.decode_rows + stats.prefill_rows
         if rows:
             self.batch_size.observe(rows)
@@ -128,6 +141,7 @@ class ServerMetrics:
             usage = event.usage
             self.finished.labels(reason=event.reason.value).inc()
             self.prompt_tokens.inc(usage.prompt_tokens)
+            self.cached_prompt_tokens.inc(usage.cached_prompt_tokens)
             self.e2e.observe(usage.total_seconds)
             if usage.time_to_first_token_seconds is not None:
                 self.ttft.observe(usage.time_to_first_token_seconds)

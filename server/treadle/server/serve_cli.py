@@ -22,6 +22,16 @@ def _env(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
     return kind(value) if value not in (None, "") else default
 
 
+def _boolean(text: str) -> bool:
+    """An environment variable's truth: 1/true/yes/on or 0/false/no/off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1 or 0)")
+
+
 def positive_seconds(text: str) -> float:
     """A flag value that must be a finite number of seconds above 0."""
     try:
@@ -57,31 +67,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             "(default: the embedded SmolLM2-135M-Instruct)",
         ),
         ("--device", str, None, "cpu or cuda (default: cuda when available)"),
-        ("--max-batch-rows", int, defaults.max_batch_rows, "sequences running at once (KV rows)"),
+        ("--max-batch-rows", int, defaults.max_batch_rows, "requests running at once"),
         (
             "--max-seq-len",
             int,
             None,
-            "KV positions per row, i.e. prompt + new tokens of one request "
-            "(default: min(model context, 2048))",
+            "positions one request may hold, prompt + new tokens (default: the model's context)",
         ),
         (
-            "--prefill-token-budget",
+            "--kv-cache-memory",
             int,
-            defaults.prefill_token_budget,
-            "prompt tokens admitted per step",
+            None,
+            "bytes of KV cache pool (default: 1 GiB on CPU; on CUDA 85%% of the memory left "
+            "free by the model)",
+        ),
+        ("--block-size", int, defaults.block_size, "positions per KV block"),
+        (
+            "--step-token-budget",
+            int,
+            defaults.step_token_budget,
+            "tokens fed per step: decodes first, then chunks of prompts",
         ),
         (
             "--max-waiting",
             int,
             defaults.max_waiting,
             "queued requests beyond which new ones are refused",
-        ),
-        (
-            "--prefix-cache-rows",
-            int,
-            defaults.prefix_cache_rows,
-            "spare KV rows caching recent prompts for prefix reuse; 0 = off",
         ),
         (
             "--priority-step",
@@ -148,6 +159,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("--log-level", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
     ):
         _flag(p, flag, kind, default, help)
+    prefix_cache = _env("TREADLE_PREFIX_CACHE", defaults.prefix_cache, _boolean)
+    p.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=prefix_cache,
+        help="reuse the KV of cached full blocks of earlier prompts "
+        f"(default: {'on' if prefix_cache else 'off'}) [TREADLE_PREFIX_CACHE, 1 or 0]",
+    )
     p.add_argument(
         "--plugin",
         action="append",

@@ -115,6 +115,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             vocab_size=info.vocab_size,
             eos_token_ids=info.eos_token_ids,
             max_batch_rows=info.max_batch_rows,
+            kv_cache_tokens=info.kv_cache_tokens,
             max_waiting=info.max_waiting,
             max_request_bytes=self.max_request_bytes,
             plugins=info.plugins,

@@ -1,104 +1,141 @@
-"""Attention over the slot KV cache, registered with transformers' AttentionInterface.
+"""Attention over the paged KV pool, registered with transformers' AttentionInterface.
 
 A step runs the model once on a packed sequence of T tokens (`input_ids`
-`[1, T]`): first one token for each decoding row 0..D-1, then the prompt of
+`[1, T]`): first one token for each decoding row 0..D-1, then the chunk of
 each prefilling row. transformers computes the projections, RoPE (from our
 per-token `position_ids`) and everything else of the model; it calls this
 function in place of its own attention with the packed query/key/value and
-our `SlotLayout` (passed through the model's `**kwargs` as `treadle_layout`).
-The function writes the new keys/values into their rows and attends:
+our `PagedLayout` (passed through the model's `**kwargs` as `treadle_layout`).
+The function writes the new keys/values into their blocks, then attends:
 
-- decode tokens as one batch: query `[D, KVH, rep, Dh]` against the first D
-  rows of the cache up to the longest of them, with a per-row length mask;
-- each prefill segment on its own, causal, against its row.
+- decode tokens as one batch: query `[D, KVH, rep, Dh]` (grouped heads folded
+  into the query length) against each row's blocks gathered into
+  `[D, KVH, K, Dh]` (K: the longest row; shorter rows padded and masked);
+- each prefill chunk on its own: a chunk from position 0 attends to its own
+  keys, plain causal; a chunk further on gathers its positions 0..start+n-1
+  and uses the continuation mask.
 
-No model is re-implemented; any decoder-only model whose attention goes
-through `ALL_ATTENTION_FUNCTIONS` runs unchanged.
+The layout (every index and mask) is built once per step and shared by all
+layers. No model is re-implemented; any decoder-only model whose attention
+goes through `ALL_ATTENTION_FUNCTIONS` runs unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import SlotKVCache
+from .kv_cache import PagedKVCache
+from .plan import RowInput
 
-ATTENTION_NAME = "treadle_slots"
+ATTENTION_NAME = "treadle_paged"
 
 
 @dataclass(frozen=True, slots=True)
-class Segment:
-    """A run of consecutive tokens of one row in the packed sequence (a prefill)."""
+class Chunk:
+    """A run of consecutive tokens of one sequence in the packed step (a prefill chunk)."""
 
-    row: int
-    start: int  # position of the first token in its sequence
-    length: int  # tokens in this step
-    offset: int  # index of the first token in the packed sequence
+    offset: int  # index of its first token in the packed sequence
+    start: int  # position of its first token in its sequence
+    length: int  # n: its tokens in this step
+    gather: torch.Tensor | None  # [KVH * nb] pool rows of positions 0..start+n-1; None if start 0
+    mask: torch.Tensor | None  # [n, start+n] bool: token i sees positions <= start+i; None: causal
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 @dataclass(slots=True)
-class SlotLayout:
-    """Where each packed token of a forward lives in the cache; shared by all layers."""
+class PagedLayout:
+    """Where each packed token of a forward lives in the pool; shared by all layers."""
 
-    cache: SlotKVCache
-    rows: torch.Tensor  # [T] long: KV row of each packed token
+    cache: PagedKVCache
     positions: torch.Tensor  # [T] long: position of each packed token in its sequence
-    num_decode: int  # D: packed tokens 0..D-1 are the decode tokens of rows 0..D-1
-    decode_mask: torch.Tensor | None  # [D, 1, 1, K] bool: key position k visible to row d
-    segments: list[Segment] = field(default_factory=list)
-    segment_masks: list[torch.Tensor | None] = field(default_factory=list)  # one per segment
+    write_index: torch.Tensor  # [KVH * T] long: pool rows the step's keys/values go to
+    num_decode: int  # D: packed tokens 0..D-1 are the decode rows' tokens
+    decode_gather: torch.Tensor | None  # [D * KVH * nb] long: pool rows of the decode rows
+    decode_mask: torch.Tensor | None  # [D, 1, 1, K] bool: position k visible to row d
+    chunks: list[Chunk] = field(default_factory=list)
 
     @property
     def decode_kv_len(self) -> int:
-        """K: how many cache positions the decode batch reads."""
+        """K: how many positions the decode batch reads (the longest decode row)."""
         return 0 if self.decode_mask is None else int(self.decode_mask.shape[-1])
 
     @classmethod
     def build(
         cls,
-        cache: SlotKVCache,
-        decode_positions: list[int],
-        segments: list[Segment],
+        cache: PagedKVCache,
+        decode: Sequence[RowInput],
+        prefill: Sequence[RowInput],
         device: torch.device,
-    ) -> SlotLayout:
-        """Layout for D decode tokens (row d at `decode_positions[d]`) then the segments."""
-        d = len(decode_positions)
-        rows = list(range(d))
-        positions = list(decode_positions)
-        for s in segments:
-            rows.extend([s.row] * s.length)
-            positions.extend(range(s.start, s.start + s.length))
-        decode_mask = None
-        if d:
-            pos = torch.tensor(decode_positions, device=device)  # [D]
-            kv_len = int(max(decode_positions)) + 1
-            decode_mask = torch.arange(kv_len, device=device)[None, :] <= pos[:, None]  # [D, K]
-            decode_mask = decode_mask.view(d, 1, 1, kv_len)
+    ) -> PagedLayout:
+        """Layout for the decode rows (one token each), then the prefill rows' chunks."""
+        bs = cache.block_size
+        positions: list[int] = []
+        slots: list[int] = []
+        for r in (*decode, *prefill):
+            span = range(r.start, r.start + len(r.input_ids))
+            positions.extend(span)
+            slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
+        decode_gather, decode_mask = _decode_index(cache, decode, device)
+        chunks: list[Chunk] = []
+        offset = len(decode)
+        for r in prefill:
+            chunks.append(_chunk(cache, r, offset, device))
+            offset += len(r.input_ids)
         return cls(
             cache=cache,
-            rows=torch.tensor(rows, device=device),
-            positions=torch.tensor(positions, device=device),
-            num_decode=d,
+            positions=torch.tensor(positions, device=device),  # [T]
+            write_index=cache.write_index(torch.tensor(slots, device=device)),  # [KVH * T]
+            num_decode=len(decode),
+            decode_gather=decode_gather,
             decode_mask=decode_mask,
-            segments=segments,
-            segment_masks=[_continuation_mask(s, device) for s in segments],
+            chunks=chunks,
         )
 
 
-def _continuation_mask(s: Segment, device: torch.device) -> torch.Tensor | None:
-    """None for a prompt from position 0 (plain causal); for a continuation
-    `[n, start+n]` bool: token i sees positions <= start + i. Built once per step."""
-    if s.start == 0:
-        return None
-    end = s.start + s.length
-    q_pos = torch.arange(s.start, end, device=device)  # [n]
-    return torch.arange(end, device=device)[None, :] <= q_pos[:, None]  # [n, start+n]
+def _blocks_for(positions: int, block_size: int) -> int:
+    return -(-positions // block_size)
 
 
-def slot_attention(
+def _decode_index(
+    cache: PagedKVCache, decode: Sequence[RowInput], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The decode rows' gather index over their blocks and their length mask."""
+    if not decode:
+        return None, None
+    lengths = [r.start + 1 for r in decode]  # the decode token included
+    kv_len = max(lengths)  # K
+    width = _blocks_for(kv_len, cache.block_size)  # nb
+    tables = []
+    for r, n in zip(decode, lengths, strict=True):
+        own = list(r.block_table[: _blocks_for(n, cache.block_size)])
+        tables.append(own + [own[0]] * (width - len(own)))  # padding: masked below
+    gather = cache.gather_index(torch.tensor(tables, device=device))  # [D * KVH * nb]
+    lens = torch.tensor(lengths, device=device)  # [D]
+    mask = torch.arange(kv_len, device=device)[None, :] < lens[:, None]  # [D, K]
+    return gather, mask.view(len(decode), 1, 1, kv_len)  # [D, 1, 1, K]
+
+
+def _chunk(cache: PagedKVCache, r: RowInput, offset: int, device: torch.device) -> Chunk:
+    n = len(r.input_ids)
+    if r.start == 0:
+        return Chunk(offset, 0, n, gather=None, mask=None)
+    end = r.start + n
+    table = list(r.block_table[: _blocks_for(end, cache.block_size)])
+    gather = cache.gather_index(torch.tensor([table], device=device))  # [KVH * nb]
+    q_pos = torch.arange(r.start, end, device=device)  # [n]
+    mask = torch.arange(end, device=device)[None, :] <= q_pos[:, None]  # [n, start+n]
+    return Chunk(offset, r.start, n, gather=gather, mask=mask)
+
+
+def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -106,69 +143,87 @@ def slot_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    treadle_layout: SlotLayout | None = None,
+    treadle_layout: PagedLayout | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention hook: query `[1, H, T, Dh]`, key/value `[1, KVH, T, Dh]`.
 
-    Returns the attention output `[1, T, H, Dh]`.
+    Writes the T tokens' keys/values into the pool, then returns the attention
+    output `[1, T, H, Dh]`.
     """
     layout = treadle_layout
     if layout is None:
         raise RuntimeError(
             f"attention '{ATTENTION_NAME}' runs only inside a treadle step (no layout given)"
         )
-    layer = int(getattr(module, "layer_idx", 0))
-    cache = layout.cache
-    # Store the new keys/values in their rows first: [1, KVH, T, Dh] -> [T, KVH, Dh].
-    cache.write(
-        layer, layout.rows, layout.positions, key[0].transpose(0, 1), value[0].transpose(0, 1)
-    )
-    k_buf, v_buf = cache.layer(layer)  # [R, KVH, max_len, Dh]
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise RuntimeError(f"{type(module).__name__} has no layer_idx: cannot place its KV")
+    layout.cache.write(layer, layout.write_index, key[0], value[0])
     q = query[0]  # [H, T, Dh]
-    heads, _, head_dim = q.shape
-    kv_heads = k_buf.shape[1]
     outputs: list[torch.Tensor] = []
-
-    d = layout.num_decode
-    if d:
-        kv_len = layout.decode_kv_len
-        # Grouped heads share their KV head: fold the group into the query length.
-        q_dec = q[:, :d].transpose(0, 1).reshape(d, kv_heads, heads // kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(
-            q_dec,  # [D, KVH, rep, Dh]
-            k_buf[:d, :, :kv_len],  # [D, KVH, K, Dh]
-            v_buf[:d, :, :kv_len],
-            attn_mask=layout.decode_mask,  # [D, 1, 1, K]
-            scale=scaling,
-        )
-        outputs.append(out.reshape(d, heads, head_dim))  # [D, H, Dh]
-
-    for s, mask in zip(layout.segments, layout.segment_masks, strict=True):
-        end = s.start + s.length
-        q_seg = q[:, s.offset : s.offset + s.length].unsqueeze(0)  # [1, H, n, Dh]
-        k_seg = k_buf[s.row : s.row + 1, :, :end]  # [1, KVH, start+n, Dh]
-        v_seg = v_buf[s.row : s.row + 1, :, :end]
-        out = F.scaled_dot_product_attention(
-            q_seg,
-            k_seg,
-            v_seg,
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scaling,
-            enable_gqa=True,
-        )
-        outputs.append(out[0].transpose(0, 1))  # [n, H, Dh]
-
+    if layout.num_decode:
+        outputs.append(_attend_decode(layout, layer, q, scaling))  # [D, H, Dh]
+    for c in layout.chunks:
+        outputs.append(_attend_chunk(layout, layer, c, q, key, value, scaling))  # [n, H, Dh]
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # [T, H, Dh]
     return merged.unsqueeze(0), None
 
 
+def _attend_decode(
+    layout: PagedLayout, layer: int, q: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """The decode rows as one batch; returns `[D, H, Dh]`."""
+    assert layout.decode_gather is not None
+    d, kv_len = layout.num_decode, layout.decode_kv_len
+    heads, _, head_dim = q.shape
+    kv_heads = layout.cache.shape.kv_heads
+    keys, values = layout.cache.gather(layer, layout.decode_gather, d, kv_len)  # [D, KVH, K, Dh]
+    # Grouped heads share their KV head: fold the group into the query length.
+    q_dec = q[:, :d].transpose(0, 1).reshape(d, kv_heads, heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        q_dec,  # [D, KVH, rep, Dh]
+        keys,
+        values,
+        attn_mask=layout.decode_mask,  # [D, 1, 1, K]
+        scale=scaling,
+    )
+    return out.reshape(d, heads, head_dim)
+
+
+def _attend_chunk(
+    layout: PagedLayout,
+    layer: int,
+    c: Chunk,
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One prefill chunk; returns `[n, H, Dh]`."""
+    q_seg = q[:, c.offset : c.offset + c.length].unsqueeze(0)  # [1, H, n, Dh]
+    if c.gather is None:  # from position 0: its own keys are all it sees
+        keys = key[:, :, c.offset : c.offset + c.length]  # [1, KVH, n, Dh]
+        values = value[:, :, c.offset : c.offset + c.length]
+    else:
+        keys, values = layout.cache.gather(layer, c.gather, 1, c.end)  # [1, KVH, start+n, Dh]
+    out = F.scaled_dot_product_attention(
+        q_seg,
+        keys,
+        values,
+        attn_mask=c.mask,
+        is_causal=c.mask is None,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)  # [n, H, Dh]
+
+
 def install(model: Any) -> None:
-    """Register the slot attention with transformers and switch `model` to it."""
+    """Register the paged attention with transformers and switch `model` to it."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTENTION_NAME, slot_attention)
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
     setter = getattr(model, "set_attn_implementation", None)
     if callable(setter):
         setter(ATTENTION_NAME)

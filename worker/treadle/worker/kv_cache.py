@@ -1,11 +1,20 @@
-"""The KV cache in the slot layout: one row of preallocated positions per sequence.
+"""The KV cache as a paged pool: fixed-size blocks shared by all sequences.
 
 Keys and values of every layer live in two buffers of shape
-`[layers, rows, kv_heads, max_len, head_dim]`, allocated once. A sequence owns
-one row from prefill to its end; active sequences occupy the leading rows, so a
-decode step reads a view of the first D rows and nothing is ever concatenated
-or reallocated when sequences join or leave. Freed rows are filled by moving
-a later row down (`move`), which copies only that row's live positions.
+`[layers, num_blocks, kv_heads, block_size, head_dim]`, allocated once. A
+sequence's positions are spread over the blocks of its block table (owned by
+the scheduler): position p is offset `p % block_size` of block
+`table[p // block_size]`. Nothing is reallocated or concatenated when
+sequences join or leave.
+
+Why this layout (measured with bench/attention_gather.py on the CPU): a
+block's positions are contiguous *per KV head*, so gathering a row's blocks
+(`index_select` on the view `[num_blocks * kv_heads, block_size * head_dim]`)
+copies whole blocks of one head at a time (4 KiB for SmolLM2 in fp32) and
+lands directly in the `[rows, kv_heads, positions, head_dim]` order that
+scaled-dot-product attention reads fastest. Gathers go into a scratch buffer
+the cache keeps (grow-only), because freshly allocated memory page-faults on
+every step.
 """
 
 from __future__ import annotations
@@ -17,69 +26,122 @@ from typing import Any
 import numpy as np
 import torch
 
-from .plan import RowMove
+from .plan import BlockCopy
 
 
 @dataclass(frozen=True, slots=True)
 class KVShape:
-    """Geometry of the cache, derived from the model config and the server settings."""
+    """Geometry of the pool, derived from the model config and the server settings."""
 
     layers: int
-    rows: int
     kv_heads: int
-    max_len: int
     head_dim: int
+    num_blocks: int
+    block_size: int  # positions per block
 
     @classmethod
-    def for_model(cls, config: Any, rows: int, max_len: int) -> KVShape:
+    def for_model(cls, config: Any, num_blocks: int, block_size: int) -> KVShape:
         heads = config.num_attention_heads
         return cls(
             layers=config.num_hidden_layers,
-            rows=rows,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            max_len=max_len,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            num_blocks=num_blocks,
+            block_size=block_size,
         )
 
+    @property
+    def num_tokens(self) -> int:
+        """Positions the whole pool holds."""
+        return self.num_blocks * self.block_size
+
     def bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Keys and values of one position in every layer."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return self.layers * 2 * self.kv_heads * self.head_dim * itemsize
 
+    def bytes_per_block(self, dtype: torch.dtype) -> int:
+        return self.block_size * self.bytes_per_token(dtype)
 
-class SlotKVCache:
-    """Preallocated key/value buffers, one row per running sequence."""
+
+class PagedKVCache:
+    """The block pool's key/value storage, and the index arithmetic of its layout.
+
+    Per step, the attention builds its indices once (`write_index`,
+    `gather_index`) and every layer reuses them (`write`, `gather`).
+    """
 
     def __init__(self, shape: KVShape, dtype: torch.dtype, device: torch.device) -> None:
         self.shape = shape
-        dims = (shape.layers, shape.rows, shape.kv_heads, shape.max_len, shape.head_dim)
-        self.keys = _zeros(dims, dtype, device)  # [L, R, KVH, max_len, Dh]
-        self.values = _zeros(dims, dtype, device)  # [L, R, KVH, max_len, Dh]
+        dims = (shape.layers, shape.num_blocks, shape.kv_heads, shape.block_size, shape.head_dim)
+        self.keys = _zeros(dims, dtype, device)  # [L, NB, KVH, bs, Dh]
+        self.values = _zeros(dims, dtype, device)  # [L, NB, KVH, bs, Dh]
+        self._scratch = [_empty(0, dtype, device), _empty(0, dtype, device)]  # flat, grow-only
+
+    @property
+    def block_size(self) -> int:
+        return self.shape.block_size
 
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def write_index(self, slots: torch.Tensor) -> torch.Tensor:
+        """Storage rows `[KVH * T]` for the keys of T tokens at pool slots `slots` `[T]`
+        (slot = block * block_size + offset), in the `[KVH, T]` order of attention's keys."""
+        bs, kv_heads = self.shape.block_size, self.shape.kv_heads
+        heads = torch.arange(kv_heads, device=slots.device)[:, None]  # [KVH, 1]
+        rows = ((slots // bs)[None, :] * kv_heads + heads) * bs + (slots % bs)[None, :]
+        return rows.reshape(-1)  # [KVH * T]
+
     def write(
-        self,
-        layer: int,
-        rows: torch.Tensor,
-        positions: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        self, layer: int, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> None:
-        """Store token t's key/value at (rows[t], positions[t]); keys/values are `[T, KVH, Dh]`."""
-        self.keys[layer][rows, :, positions] = keys
-        self.values[layer][rows, :, positions] = values
+        """Store keys/values `[KVH, T, Dh]` of one layer at `index` (from `write_index`)."""
+        head_dim = self.shape.head_dim
+        self.keys[layer].view(-1, head_dim).index_copy_(0, index, keys.reshape(-1, head_dim))
+        self.values[layer].view(-1, head_dim).index_copy_(0, index, values.reshape(-1, head_dim))
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key and value buffers of one layer, each `[R, KVH, max_len, Dh]`."""
-        return self.keys[layer], self.values[layer]
+    def gather_index(self, tables: torch.Tensor) -> torch.Tensor:
+        """Storage rows `[R * KVH * nb]` of the blocks `tables` `[R, nb]` (block ids), in
+        `[R, KVH, nb]` order: one row holds one block of one KV head."""
+        kv_heads = self.shape.kv_heads
+        heads = torch.arange(kv_heads, device=tables.device)[None, :, None]  # [1, KVH, 1]
+        return (tables[:, None, :] * kv_heads + heads).reshape(-1)  # [R * KVH * nb]
 
-    def move(self, moves: Sequence[RowMove]) -> None:
-        """Apply row moves in order: copy the live positions of `src` into `dst`."""
-        for m in moves:
-            self.keys[:, m.dst, :, : m.length] = self.keys[:, m.src, :, : m.length]
-            self.values[:, m.dst, :, : m.length] = self.values[:, m.src, :, : m.length]
+    def gather(
+        self, layer: int, index: torch.Tensor, rows: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `length` positions of `rows` block tables, each
+        `[rows, KVH, length, Dh]`, gathered at `index` (from `gather_index`).
+
+        The result lives in the cache's scratch buffer: valid until the next `gather`.
+        """
+        shape = self.shape
+        blocks = index.numel() // (rows * shape.kv_heads)  # nb
+        need = index.numel() * shape.block_size * shape.head_dim
+        if self._scratch[0].numel() < need:  # grow by half at least: rows lengthen every step
+            size = max(need, self._scratch[0].numel() * 3 // 2)
+            self._scratch = [_empty(size, t.dtype, t.device) for t in (self.keys, self.values)]
+        out: list[torch.Tensor] = []
+        for buf, scratch in zip((self.keys, self.values), self._scratch, strict=True):
+            src = buf[layer].view(-1, shape.block_size * shape.head_dim)  # [NB*KVH, bs*Dh]
+            dst = scratch[:need].view(index.numel(), -1)  # [R*KVH*nb, bs*Dh]
+            torch.index_select(src, 0, index, out=dst)
+            whole = dst.view(rows, shape.kv_heads, blocks * shape.block_size, shape.head_dim)
+            out.append(whole[:, :, :length])  # [R, KVH, length, Dh]
+        return out[0], out[1]
+
+    def copy(self, copies: Sequence[BlockCopy]) -> None:
+        """Apply block copies in order: every position of `src` into `dst`, in every layer."""
+        for c in copies:
+            if c.src != c.dst:
+                self.keys[:, c.dst] = self.keys[:, c.src]
+                self.values[:, c.dst] = self.values[:, c.src]
+
+
+def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -87,8 +149,8 @@ def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     attention, and masked zeros (unlike uninitialised memory) can never turn into NaN.
 
     On the CPU the buffer comes from calloc (through numpy), so the operating system
-    hands out zero pages only as rows are first written: start-up is instant and
-    resident memory grows with the tokens actually held, up to the configured size.
+    hands out zero pages only as blocks are first written: start-up is instant and
+    resident memory grows with the blocks actually used, up to the configured size.
     """
     if device.type == "cpu":
         try:

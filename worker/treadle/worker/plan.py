@@ -3,14 +3,18 @@
 Every step the scheduler hands the worker a `StepPlan`; the worker runs the
 model once for all of it and returns a `StepOutput`; the scheduler applies
 that output to its requests. The worker keeps no per-request state besides
-the KV rows, so everything it needs about a row is in the plan.
+the KV blocks, so everything it needs about a row is in the plan.
 
-Row layout (slot-based): active sequences occupy the leading rows of the KV
-cache. Rows that decode this step are rows 0..D-1, one token each; rows that
-prefill this step follow them, D..D+P-1, their whole prompt each. After the
-step all D+P rows are active. `moves` compacts the rows freed by the previous
-step: each copies a sequence's KV from a higher row into a freed lower one,
-and is applied, in order, before the forward.
+KV layout (paged): the keys and values of every sequence live in fixed-size
+blocks of `block_size` positions from one pool shared by all sequences.
+Position p of a sequence is slot `p % block_size` of block
+`block_table[p // block_size]`; the scheduler owns the block tables, the
+worker only reads and writes the blocks they name. A row feeds a run of
+consecutive tokens of its sequence: one token when it decodes, a chunk of the
+prompt (or, after a preemption, of prompt + generated tokens) when it
+prefills; a prompt may take many steps. Only rows whose chunk reaches the end
+of their known sequence (`RowInput.samples`) get a next token chosen.
+`copies` are applied, in order, before the forward.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ class RowInput:
     """One sequence in the step, as the worker sees it."""
 
     request_id: str  # for errors and logs
-    row: int  # the KV row the sequence occupies
-    input_ids: Sequence[int]  # fed this step: the prompt on prefill, the last token on decode
-    start: int  # position of input_ids[0]: tokens of this sequence already in the KV row
-    token_ids: Sequence[int]  # the whole sequence so far (prompt + generated), ends with input_ids
+    input_ids: Sequence[int]  # fed this step: token_ids[start : start + len(input_ids)]
+    start: int  # position of input_ids[0]: tokens of this sequence already in its KV blocks
+    block_table: Sequence[int]  # the sequence's KV blocks in order; they cover every position
+    #                             < start + len(input_ids) (the step writes input_ids' KV there)
+    token_ids: Sequence[int]  # the whole sequence so far (prompt + generated)
     prompt_len: int  # how many of token_ids are the prompt
     params: SamplingParams  # processors and choice for the next token
 
@@ -38,14 +43,19 @@ class RowInput:
     def num_generated(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk reaches the end of the known sequence, so the step chooses
+        the sequence's next token (False for a prompt chunk with more to come)."""
+        return self.start + len(self.input_ids) == len(self.token_ids)
+
 
 @dataclass(frozen=True, slots=True)
-class RowMove:
-    """Copy the first `length` KV positions of row `src` into row `dst`."""
+class BlockCopy:
+    """Copy the KV of every position of block `src` into block `dst` (copy on write)."""
 
     src: int
     dst: int
-    length: int
 
 
 @dataclass(slots=True)
@@ -53,14 +63,19 @@ class StepPlan:
     """What the worker does this step."""
 
     step: int  # step counter, for logs
-    decode: list[RowInput] = field(default_factory=list)  # rows 0..D-1 in order, one token each
-    prefill: list[RowInput] = field(default_factory=list)  # rows D..D+P-1 in order, whole prompts
-    moves: list[RowMove] = field(default_factory=list)  # applied in order before the forward
+    decode: list[RowInput] = field(default_factory=list)  # one token each
+    prefill: list[RowInput] = field(default_factory=list)  # a chunk each, ≥ 1 token
+    copies: list[BlockCopy] = field(default_factory=list)  # applied in order before the forward
 
     @property
     def rows(self) -> list[RowInput]:
-        """All rows in row order; `StepOutput.rows` is aligned with this list."""
+        """Every row: the decode rows, then the prefill rows."""
         return self.decode + self.prefill
+
+    @property
+    def sampled_rows(self) -> list[RowInput]:
+        """The rows that get a next token; `StepOutput.rows` is aligned with this list."""
+        return [r for r in self.rows if r.samples]
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +100,6 @@ class RowOutput:
 class StepOutput:
     """The worker's answer to a `StepPlan`."""
 
-    rows: list[RowOutput]  # aligned with `StepPlan.rows`
+    rows: list[RowOutput]  # aligned with `StepPlan.sampled_rows`
     forward_seconds: float = 0.0  # seconds spent in the model forward
     process_seconds: float = 0.0  # seconds spent in logits processing and sampling

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .kv_cache import KVShape, SlotKVCache
+from .kv_cache import KVShape, PagedKVCache
 from .loader import LoadedModel
 from .model_runner import ModelRunner
 from .plan import RowInput, RowOutput, StepOutput, StepPlan
@@ -18,42 +18,86 @@ from .sampling import Sampler
 
 log = logging.getLogger("treadle.worker")
 
+CPU_KV_CACHE_MEMORY = 2**30  # bytes of KV pool on the CPU when not configured
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    max_batch_rows: int = 64  # KV rows: sequences running at once
-    max_seq_len: int | None = None  # KV positions per row; None: min(model context, 2048)
+    """The worker's settings: batch bound, sequence length and the KV pool's size."""
+
+    max_batch_rows: int = 64  # most sequences in one step (a sanity bound on plans)
+    max_seq_len: int | None = None  # most positions one sequence may hold; None: the model's
+    #                                 context (its sliding window, if it has one)
+    block_size: int = 16  # positions per KV block
+    kv_cache_memory: int | None = None  # bytes of KV pool; None: 1 GiB on the CPU, on CUDA
+    #                                     `kv_cache_fraction` of the memory the model leaves free
+    kv_cache_fraction: float = 0.85  # share of free device memory for the pool (CUDA default)
+    num_blocks: int | None = None  # blocks in the pool, overriding the memory budget (tests)
     seed: int | None = None  # seeds sampling of requests without their own seed
-    prefix_cache_rows: int = 0  # KV rows after max_batch_rows, for the prefix cache
 
     def seq_len_for(self, loaded: LoadedModel) -> int:
+        """Positions one sequence may hold: `max_seq_len`, at most the model's context."""
         limit = loaded.context_length
         window = getattr(loaded.model.config, "sliding_window", None)
         if isinstance(window, int) and window > 0:  # full attention is exact inside the window
             limit = min(limit, window)
-        return min(self.max_seq_len or 2048, limit)
+        return min(self.max_seq_len or limit, limit)
+
+    def pool_shape(self, loaded: LoadedModel) -> KVShape:
+        """The pool's geometry: `num_blocks`, else as many blocks as the memory budget holds.
+
+        Raises ValueError (naming the setting) when the settings give no usable pool.
+        """
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        one = KVShape.for_model(loaded.model.config, num_blocks=1, block_size=self.block_size)
+        per_block = one.bytes_per_block(loaded.dtype)
+        if self.num_blocks is not None:
+            blocks, setting = self.num_blocks, "num_blocks"
+        else:
+            budget = self.kv_cache_memory
+            if budget is None:
+                budget = self._default_memory(loaded.device)
+            blocks, setting = budget // per_block, "kv_cache_memory"
+        if blocks < 1:
+            raise ValueError(
+                f"{setting}: the KV pool holds no block of {self.block_size} positions "
+                f"({per_block} bytes each)"
+            )
+        return replace(one, num_blocks=blocks)
+
+    def _default_memory(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return CPU_KV_CACHE_MEMORY
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * self.kv_cache_fraction)
 
 
 class Worker:
     """Runs the model once per step for every row of a plan.
 
-    Owns the model, the slot KV cache, the logits pipeline and the sampler.
+    Owns the model, the paged KV pool, the logits pipeline and the sampler.
     It knows nothing about requests beyond what the plan says (no gRPC, no
     asyncio); one step failing raises, and the caller fails that step's rows.
+    The scheduler sizes its block tables from `num_blocks`, `block_size` and
+    `max_seq_len`.
     """
 
     def __init__(self, loaded: LoadedModel, config: WorkerConfig | None = None) -> None:
         config = config or WorkerConfig()
         self.max_batch_rows = config.max_batch_rows
         self.max_seq_len = config.seq_len_for(loaded)
-        shape = KVShape.for_model(
-            loaded.model.config, self.max_batch_rows + config.prefix_cache_rows, self.max_seq_len
-        )
-        self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
+        shape = config.pool_shape(loaded)
+        self.num_blocks = shape.num_blocks
+        self.block_size = shape.block_size
+        self.cache = PagedKVCache(shape, loaded.dtype, loaded.device)
         log.info(
-            "KV cache: %d rows x %d positions, %.2f GiB (%s, %d bytes per token)",
-            shape.rows,
-            shape.max_len,
+            "KV pool: %d blocks x %d positions = %d tokens, %.2f GiB (%s, %d bytes per token)",
+            shape.num_blocks,
+            shape.block_size,
+            shape.num_tokens,
             self.cache.nbytes / 2**30,
             loaded.dtype,
             shape.bytes_per_token(loaded.dtype),
@@ -63,12 +107,18 @@ class Worker:
         self.sampler = Sampler(config.seed)
 
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Run one step: forward, per-request processing, choice, custom stopping."""
-        rows = plan.rows
-        _check_layout(plan)
+        """Run one step: forward, then per-request processing, choice and custom stopping
+        for `plan.sampled_rows` (the output is aligned with them; empty when no row samples).
+
+        Raises ValueError when the plan breaks the contract (a scheduler bug).
+        """
+        self._check(plan)
+        rows = plan.sampled_rows
         started = time.perf_counter()
         logits = self.runner.forward(plan)  # [N, V]
         forwarded = time.perf_counter()
+        if not rows:
+            return StepOutput(rows=[], forward_seconds=forwarded - started)
         with torch.inference_mode():
             raw = logits.clone() if _wants_raw_logprobs(rows) else logits
             processed = self.pipeline(logits, rows)
@@ -90,13 +140,37 @@ class Worker:
             process_seconds=time.perf_counter() - forwarded,
         )
 
+    def _check(self, plan: StepPlan) -> None:
+        """Cheap checks of the plan's KV contract (see plan.py); a violation is a scheduler
+        bug and raises ValueError naming the step and the request."""
+        rows = plan.rows
+        if len(rows) > self.max_batch_rows:
+            raise ValueError(f"step {plan.step}: {len(rows)} rows > max_batch_rows")
+        for c in plan.copies:
+            if not (0 <= c.src < self.num_blocks and 0 <= c.dst < self.num_blocks):
+                raise ValueError(f"step {plan.step}: {c} names a block outside the pool")
+        for kind, group in (("decode", plan.decode), ("prefill", plan.prefill)):
+            for r in group:
+                problem = _row_problem(r, kind, self.block_size, self.num_blocks)
+                if problem:
+                    raise ValueError(f"step {plan.step}, request {r.request_id}: {problem}")
+
+
+def _row_problem(r: RowInput, kind: str, block_size: int, num_blocks: int) -> str | None:
+    """What is wrong with one row of a plan (`kind`: decode or prefill), or None."""
+    n, end = len(r.input_ids), r.start + len(r.input_ids)
+    if n < 1 or (kind == "decode" and n != 1):
+        return f"{n} input tokens in a {kind} row"
+    if r.start < 0 or end > len(r.token_ids):
+        return f"positions {r.start}..{end - 1} outside its {len(r.token_ids)} tokens"
+    needed = -(-end // block_size)
+    if len(r.block_table) < needed:
+        return f"{len(r.block_table)} blocks cover < {end} positions (block size {block_size})"
+    table = r.block_table[:needed]
+    if min(table) < 0 or max(table) >= num_blocks:
+        return f"block table names a block outside the pool of {num_blocks}"
+    return None
+
 
 def _wants_raw_logprobs(rows: list[RowInput]) -> bool:
     return any(r.params.logprobs is not None and not r.params.logprobs.processed for r in rows)
-
-
-def _check_layout(plan: StepPlan) -> None:
-    """The plan must follow the slot layout (see plan.py); a violation is a scheduler bug."""
-    for i, r in enumerate(plan.rows):
-        if r.row != i:
-            raise ValueError(f"step {plan.step}: row {r.row} planned at position {i}")

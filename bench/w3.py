@@ -1,0 +1,194 @@
+"""W3 "long prompt": streams decode, then one long prompt arrives; do the streams stall?
+
+    python bench/w3.py [--model SPEC] [--streams 16] [--budget 120] [--delay 4]
+                       [--prompt-tokens 1900] [--out bench/results]
+
+Two runs in one process on one loaded model: treadle with its default step
+token budget (chunked prefill), and with a budget that takes the whole prompt
+in one step (how wave 1 prefilled). Each run: `--streams` requests decode
+`--budget` tokens each (EOS ignored, greedy); `--delay` seconds later one
+prompt of `--prompt-tokens` tokens arrives (8 new tokens). Reported: the
+streams' inter-token gap p50, p99 and max, and the long prompt's time to first
+token. Goals (DESIGN.md W3): max gap <= 3x p50 with chunks; the prompt's TTFT
+no worse than 2x the whole-prompt run's. Figures go to `<out>/w3-<stamp>.json/.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from bench.environment import environment
+from bench.progress import Progress
+from bench.stream_clock import Timed, stream_timed
+from bench.workload import Workload, default_workload_path, load_workload
+from treadle.scheduler.engine import Engine, EngineConfig
+from treadle.scheduler.generation_request import GenerationRequest
+from treadle.worker.loader import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="load_model spec; default: embedded SmolLM2")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--budget", type=int, default=120, help="new tokens of each stream")
+    ap.add_argument("--delay", type=float, default=4.0, help="seconds before the long prompt")
+    ap.add_argument("--prompt-tokens", type=int, default=1900)
+    ap.add_argument("--step-token-budget", type=int, default=EngineConfig().step_token_budget)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    return ap.parse_args(argv)
+
+
+def long_prompt(prompts: tuple[tuple[int, ...], ...], n: int) -> list[int]:
+    """`n` tokens of real text: W1's prompts, concatenated and repeated."""
+    ids: list[int] = []
+    while len(ids) < n:
+        for prompt in prompts:
+            ids.extend(prompt)
+    return ids[:n]
+
+
+async def scenario(engine: Engine, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    prompt = long_prompt(workload.prompts, args.prompt_tokens)
+    streams = [
+        asyncio.create_task(
+            stream_timed(
+                engine,
+                GenerationRequest(
+                    prompt_token_ids=list(ids),
+                    max_new_tokens=args.budget,
+                    ignore_eos=True,
+                    request_id=f"s{i}",
+                ),
+                Timed(),
+            )
+        )
+        for i, ids in enumerate(workload.prompts[: args.streams])
+    ]
+    await asyncio.sleep(args.delay)  # the workload's shape, not synchronisation
+    long = await stream_timed(
+        engine,
+        GenerationRequest(
+            prompt_token_ids=prompt, max_new_tokens=8, ignore_eos=True, request_id="long"
+        ),
+        Timed(),
+    )
+    done = await asyncio.gather(*streams)
+    window = (long.sent, long.token_times[0])  # while the long prompt was being prefilled
+    gaps = [g for t in done for g in t.gaps]
+    during = [
+        b - a
+        for t in done
+        for a, b in zip(t.token_times, t.token_times[1:], strict=False)
+        if b > a and b >= window[0] and a <= window[1]
+    ]
+    return {
+        "long_prompt_ttft_s": round(long.ttft, 4),
+        "gap_s": _stats(gaps),
+        "gap_during_prefill_s": _stats(during),
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    p50, p99 = np.percentile(np.asarray(values), [50, 99])
+    return {"p50": round(float(p50), 4), "p99": round(float(p99), 4), "max": round(max(values), 4)}
+
+
+def run(
+    loaded: LoadedModel,
+    workload: Workload,
+    args: argparse.Namespace,
+    budget: int,
+    progress: Progress,
+) -> dict[str, Any]:
+    engine = Engine(loaded, EngineConfig(max_batch_rows=64, step_token_budget=budget))
+    engine.start()
+    try:
+        progress.say(f"step token budget {budget}: start")
+        figures = asyncio.run(scenario(engine, args, workload))
+    finally:
+        engine.stop()
+    progress.say(f"step token budget {budget}: {json.dumps(figures)}")
+    return {"step_token_budget": budget, **figures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    progress = Progress(label="w3")
+    started = datetime.now(UTC)
+    loaded = load_model(args.model, device=args.device)
+    workload = load_workload(default_workload_path(REPO), loaded.tokenizer)
+    whole = args.prompt_tokens + args.streams
+    runs = [run(loaded, workload, args, b, progress) for b in (args.step_token_budget, whole)]
+    chunked, at_once = runs
+    gap = chunked["gap_s"]
+    report = {
+        "benchmark": "w3",
+        "started": started.isoformat(),
+        "command": [sys.executable, *sys.argv],
+        "model": loaded.name,
+        "environment": environment(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "runs": runs,
+        "goals": {
+            "max_gap_over_p50": round(gap["max"] / gap["p50"], 2) if gap else None,
+            "ttft_over_whole_prompt_run": round(
+                chunked["long_prompt_ttft_s"] / at_once["long_prompt_ttft_s"], 2
+            ),
+        },
+    }
+    text = render(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    for name in (f"w3-{stamp}", "w3-latest"):
+        (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"{name}.md").write_text(text + "\n")
+    return 0
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"# W3, {report['started']}",
+        "",
+        f"{report['model']}; {report['environment'].get('torch', '')}",
+        "",
+        "| step token budget | gap p50 s | gap p99 s | gap max s | gap max during prefill s "
+        "| long prompt TTFT s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["runs"]:
+        g, d = r["gap_s"], r["gap_during_prefill_s"]
+        lines.append(
+            f"| {r['step_token_budget']} | {g.get('p50')} | {g.get('p99')} | {g.get('max')} "
+            f"| {d.get('max')} | {r['long_prompt_ttft_s']} |"
+        )
+    goals = report["goals"]
+    lines += [
+        "",
+        f"- chunked: max gap / p50 gap = {goals['max_gap_over_p50']} (goal <= 3)",
+        f"- long prompt TTFT, chunked / whole prompt in one step = "
+        f"{goals['ttft_over_whole_prompt_run']} (goal <= 2)",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
