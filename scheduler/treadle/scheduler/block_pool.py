@@ -9,10 +9,15 @@ Full blocks are content-addressed: a block's hash covers its tokens and the
 hash of the block before it, so equal hashes mean equal prefixes. A full
 block whose KV was computed is registered under its hash; a later request
 whose prompt starts with the same blocks takes them (`touch`) instead of
-computing them again. A free block keeps its content and stays findable
-until it is reused: the free list is least-recently-freed first, and a
-request's blocks are freed tail first, so the ends of prompts are evicted
-before the prefixes they share (vLLM v1's policy).
+computing them again. A free cached block keeps its content and stays
+findable until it is reused.
+
+Two free lists: blocks with nothing cached are reused last-freed first (their
+memory is the most recently touched: no page faults, warm caches, and the
+pool's untouched pages stay uncommitted until the load needs them); cached
+blocks are evicted only when no other block is free, least recently freed
+first, and a request's blocks are freed tail first, so the ends of prompts
+are evicted before the prefixes they share (vLLM v1's order).
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ class BlockPool:
         self.block_size = block_size
         self.cache_prefixes = cache_prefixes
         self.ref_count = [0] * num_blocks
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._free_plain = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives 0 first
+        self._free_cached: OrderedDict[int, None] = OrderedDict()  # least recently freed first
         self._hash_of: dict[int, BlockHash] = {}  # registered blocks, held or free
         self._block_of: dict[BlockHash, int] = {}
 
@@ -61,11 +67,11 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks no request holds (cached or not): what `allocate` can hand out."""
-        return len(self._free)
+        return len(self._free_plain) + len(self._free_cached)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     @property
     def num_cached(self) -> int:
@@ -73,20 +79,24 @@ class BlockPool:
         return len(self._hash_of)
 
     def is_free(self, block: int) -> bool:
-        return block in self._free
+        return self.ref_count[block] == 0
 
     # -- allocation ----------------------------------------------------------------
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        """Take `n` free blocks (least recently freed first); a cached one is forgotten."""
-        if n > len(self._free):
-            raise RuntimeError(f"{n} blocks asked, {len(self._free)} free")
+        """Take `n` free blocks: plain ones first (last freed first), then cached ones
+        (least recently freed first), whose cached content is forgotten."""
+        if n > self.num_free:
+            raise RuntimeError(f"{n} blocks asked, {self.num_free} free")
         blocks = []
         for _ in range(n):
-            block, _ = self._free.popitem(last=False)
-            self._forget(block)
+            if self._free_plain:
+                block = self._free_plain.pop()
+            else:
+                block, _ = self._free_cached.popitem(last=False)
+                self._forget(block)
             self.ref_count[block] = 1
             blocks.append(block)
         return blocks
@@ -94,8 +104,8 @@ class BlockPool:
     def touch(self, blocks: Iterable[int]) -> None:
         """One more holder for each of `blocks` (cached blocks a request reuses)."""
         for block in blocks:
-            if self.ref_count[block] == 0:
-                del self._free[block]
+            if self.ref_count[block] == 0:  # a free block that is touched is a cached one
+                del self._free_cached[block]
             self.ref_count[block] += 1
 
     def free(self, blocks: Sequence[int]) -> None:
@@ -107,7 +117,10 @@ class BlockPool:
                 raise RuntimeError(f"block {block} freed more often than taken")
             self.ref_count[block] = count
             if count == 0:
-                self._free[block] = None
+                if block in self._hash_of:
+                    self._free_cached[block] = None
+                else:
+                    self._free_plain.append(block)
 
     # -- the prefix cache ----------------------------------------------------------
     def cached_prefix(self, hashes: Sequence[BlockHash]) -> list[int]:
@@ -122,7 +135,8 @@ class BlockPool:
         return blocks
 
     def register(self, block: int, h: BlockHash) -> None:
-        """`block` now holds the full block hashed `h` (a copy already registered wins)."""
+        """Held `block` now holds the full block hashed `h` (a copy already registered
+        wins)."""
         if self.cache_prefixes and h not in self._block_of and block not in self._hash_of:
             self._block_of[h] = block
             self._hash_of[block] = h
@@ -131,6 +145,8 @@ class BlockPool:
         """Forget every cached block (their content may be wrong after a failed step)."""
         self._hash_of.clear()
         self._block_of.clear()
+        self._free_plain.extend(self._free_cached)
+        self._free_cached.clear()
 
     def _forget(self, block: int) -> None:
         h = self._hash_of.pop(block, None)

@@ -98,9 +98,9 @@ class PagedKVCache:
         self, layer: int, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> None:
         """Store keys/values `[KVH, T, Dh]` of one layer at `index` (from `write_index`)."""
-        head_dim = self.shape.head_dim
-        self.keys[layer].view(-1, head_dim).index_copy_(0, index, keys.reshape(-1, head_dim))
-        self.values[layer].view(-1, head_dim).index_copy_(0, index, values.reshape(-1, head_dim))
+        head_dim = self.shape.head_dim  # index_put_: several times faster than index_copy_
+        self.keys[layer].view(-1, head_dim)[index] = keys.reshape(-1, head_dim)
+        self.values[layer].view(-1, head_dim)[index] = values.reshape(-1, head_dim)
 
     def gather_index(self, tables: torch.Tensor) -> torch.Tensor:
         """Storage rows `[R * KVH * nb]` of the blocks `tables` `[R, nb]` (block ids), in
