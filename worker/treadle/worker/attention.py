@@ -8,9 +8,12 @@ function in place of its own attention with the packed query/key/value and
 our `PagedLayout` (passed through the model's `**kwargs` as `treadle_layout`).
 The function writes the new keys/values into their blocks, then attends:
 
-- decode tokens as one batch: query `[D, KVH, rep, Dh]` (grouped heads folded
-  into the query length) against each row's blocks gathered into
-  `[D, KVH, K, Dh]` (K: the longest row; shorter rows padded and masked);
+- decode tokens in a few batches of rows of similar length (`DecodeGroup`):
+  query `[g, KVH, rep, Dh]` (grouped heads folded into the query length)
+  against each row's blocks gathered into `[g, KVH, K, Dh]` (K: the group's
+  longest row; shorter rows padded and masked). Grouping bounds the padding
+  that is gathered and attended: the gather copies memory, so it costs what
+  it reads;
 - each prefill chunk on its own: a chunk from position 0 attends to its own
   keys, plain causal; a chunk further on gathers its positions 0..start+n-1
   and uses the continuation mask.
@@ -50,6 +53,30 @@ class Chunk:
         return self.start + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Decode rows of similar length, attended as one batch."""
+
+    rows: torch.Tensor  # [g] long: the group's rows, as indices among the decode rows
+    gather: torch.Tensor  # [g * KVH * nb] long: pool rows of their blocks
+    mask: torch.Tensor  # [g, 1, 1, K] bool: position k visible to the group's row i
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.numel())
+
+    @property
+    def kv_len(self) -> int:
+        """K: positions the group reads (its longest row's)."""
+        return int(self.mask.shape[-1])
+
+
+# A decode group holds rows at least this share of its longest row's length, so at most
+# about half of what it gathers is padding; past MAX_DECODE_GROUPS the last takes the rest.
+GROUP_MIN_SHARE = 0.5
+MAX_DECODE_GROUPS = 4
+
+
 @dataclass(slots=True)
 class PagedLayout:
     """Where each packed token of a forward lives in the pool; shared by all layers."""
@@ -58,14 +85,8 @@ class PagedLayout:
     positions: torch.Tensor  # [T] long: position of each packed token in its sequence
     write_index: torch.Tensor  # [KVH * T] long: pool rows the step's keys/values go to
     num_decode: int  # D: packed tokens 0..D-1 are the decode rows' tokens
-    decode_gather: torch.Tensor | None  # [D * KVH * nb] long: pool rows of the decode rows
-    decode_mask: torch.Tensor | None  # [D, 1, 1, K] bool: position k visible to row d
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # they cover 0..D-1
     chunks: list[Chunk] = field(default_factory=list)
-
-    @property
-    def decode_kv_len(self) -> int:
-        """K: how many positions the decode batch reads (the longest decode row)."""
-        return 0 if self.decode_mask is None else int(self.decode_mask.shape[-1])
 
     @classmethod
     def build(
@@ -83,7 +104,7 @@ class PagedLayout:
             span = range(r.start, r.start + len(r.input_ids))
             positions.extend(span)
             slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
-        decode_gather, decode_mask = _decode_index(cache, decode, device)
+        groups = [_decode_group(cache, decode, g, device) for g in _group_rows(decode)]
         chunks: list[Chunk] = []
         offset = len(decode)
         for r in prefill:
@@ -94,8 +115,7 @@ class PagedLayout:
             positions=torch.tensor(positions, device=device),  # [T]
             write_index=cache.write_index(torch.tensor(slots, device=device)),  # [KVH * T]
             num_decode=len(decode),
-            decode_gather=decode_gather,
-            decode_mask=decode_mask,
+            decode_groups=groups,
             chunks=chunks,
         )
 
@@ -104,23 +124,40 @@ def _blocks_for(positions: int, block_size: int) -> int:
     return -(-positions // block_size)
 
 
-def _decode_index(
-    cache: PagedKVCache, decode: Sequence[RowInput], device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The decode rows' gather index over their blocks and their length mask."""
-    if not decode:
-        return None, None
-    lengths = [r.start + 1 for r in decode]  # the decode token included
+def _group_rows(decode: Sequence[RowInput]) -> list[list[int]]:
+    """The decode rows (indices) in groups of similar length, the longest rows' first."""
+    order = sorted(range(len(decode)), key=lambda i: decode[i].start, reverse=True)
+    groups: list[list[int]] = []
+    for i in order:
+        longest = decode[groups[-1][0]].start + 1 if groups else 0
+        if groups and (
+            decode[i].start + 1 >= GROUP_MIN_SHARE * longest or len(groups) == MAX_DECODE_GROUPS
+        ):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(g) for g in groups]  # in row order: one group is rows 0..D-1 as they are
+
+
+def _decode_group(
+    cache: PagedKVCache, decode: Sequence[RowInput], rows: list[int], device: torch.device
+) -> DecodeGroup:
+    """The gather index of `rows`' blocks and their length mask."""
+    lengths = [decode[i].start + 1 for i in rows]  # the decode token included
     kv_len = max(lengths)  # K
     width = _blocks_for(kv_len, cache.block_size)  # nb
     tables = []
-    for r, n in zip(decode, lengths, strict=True):
-        own = list(r.block_table[: _blocks_for(n, cache.block_size)])
+    for i, n in zip(rows, lengths, strict=True):
+        own = list(decode[i].block_table[: _blocks_for(n, cache.block_size)])
         tables.append(own + [own[0]] * (width - len(own)))  # padding: masked below
-    gather = cache.gather_index(torch.tensor(tables, device=device))  # [D * KVH * nb]
-    lens = torch.tensor(lengths, device=device)  # [D]
-    mask = torch.arange(kv_len, device=device)[None, :] < lens[:, None]  # [D, K]
-    return gather, mask.view(len(decode), 1, 1, kv_len)  # [D, 1, 1, K]
+    gather = cache.gather_index(torch.tensor(tables, device=device))  # [g * KVH * nb]
+    lens = torch.tensor(lengths, device=device)  # [g]
+    mask = torch.arange(kv_len, device=device)[None, :] < lens[:, None]  # [g, K]
+    return DecodeGroup(
+        rows=torch.tensor(rows, device=device),
+        gather=gather,
+        mask=mask.view(len(rows), 1, 1, kv_len),  # [g, 1, 1, K]
+    )
 
 
 def _chunk(cache: PagedKVCache, r: RowInput, offset: int, device: torch.device) -> Chunk:
@@ -173,22 +210,37 @@ def paged_attention(
 def _attend_decode(
     layout: PagedLayout, layer: int, q: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
-    """The decode rows as one batch; returns `[D, H, Dh]`."""
-    assert layout.decode_gather is not None
-    d, kv_len = layout.num_decode, layout.decode_kv_len
+    """The decode rows, one batch per group; returns `[D, H, Dh]` in decode-row order."""
+    d = layout.num_decode
     heads, _, head_dim = q.shape
     kv_heads = layout.cache.shape.kv_heads
-    keys, values = layout.cache.gather(layer, layout.decode_gather, d, kv_len)  # [D, KVH, K, Dh]
     # Grouped heads share their KV head: fold the group into the query length.
     q_dec = q[:, :d].transpose(0, 1).reshape(d, kv_heads, heads // kv_heads, head_dim)
+    if len(layout.decode_groups) == 1:  # one batch in row order: no reordering
+        return _attend_group(layout, layer, layout.decode_groups[0], q_dec, scaling)
+    out = q.new_empty(d, heads, head_dim)  # [D, H, Dh]
+    for group in layout.decode_groups:
+        out[group.rows] = _attend_group(layout, layer, group, q_dec[group.rows], scaling)
+    return out
+
+
+def _attend_group(
+    layout: PagedLayout,
+    layer: int,
+    group: DecodeGroup,
+    q: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One decode group: query `[g, KVH, rep, Dh]`; returns `[g, H, Dh]`."""
+    keys, values = layout.cache.gather(layer, group.gather, group.size, group.kv_len)
     out = F.scaled_dot_product_attention(
-        q_dec,  # [D, KVH, rep, Dh]
-        keys,
+        q,  # [g, KVH, rep, Dh]
+        keys,  # [g, KVH, K, Dh]
         values,
-        attn_mask=layout.decode_mask,  # [D, 1, 1, K]
+        attn_mask=group.mask,  # [g, 1, 1, K]
         scale=scaling,
     )
-    return out.reshape(d, heads, head_dim)
+    return out.reshape(group.size, -1, q.shape[-1])  # [g, H, Dh]
 
 
 def _attend_chunk(
