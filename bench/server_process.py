@@ -46,7 +46,8 @@ def serve_command(
     if config.kv_cache_memory is not None:
         command += ["--kv-cache-memory", str(config.kv_cache_memory)]
     command += ["--block-size", str(config.block_size)]
-    command += ["--step-token-budget", str(config.step_token_budget)]
+    if config.step_token_budget is not None:
+        command += ["--step-token-budget", str(config.step_token_budget)]
     command += ["--prefix-cache" if config.prefix_cache else "--no-prefix-cache"]
     command += ["--max-waiting", str(config.max_waiting)]
     if model is not None:

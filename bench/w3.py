@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=int, default=120, help="new tokens of each stream")
     ap.add_argument("--delay", type=float, default=4.0, help="seconds before the long prompt")
     ap.add_argument("--prompt-tokens", type=int, default=1900)
-    ap.add_argument("--step-token-budget", type=int, default=EngineConfig().step_token_budget)
+    ap.add_argument(
+        "--step-token-budget", type=int, default=None, help="default: the engine's default"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return ap.parse_args(argv)
 
@@ -114,7 +116,7 @@ def run(
     loaded: LoadedModel,
     workload: Workload,
     args: argparse.Namespace,
-    budget: int,
+    budget: int | None,
     progress: Progress,
 ) -> dict[str, Any]:
     engine = Engine(loaded, EngineConfig(max_batch_rows=64, step_token_budget=budget))
@@ -125,7 +127,7 @@ def run(
     finally:
         engine.stop()
     progress.say(f"step token budget {budget}: {json.dumps(figures)}")
-    return {"step_token_budget": budget, **figures}
+    return {"step_token_budget": budget or "default", **figures}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,9 +267,10 @@ def test_pool_and_sequence_sizes_from_the_config(tiny: LoadedModel) -> None:
     assert worker.max_seq_len == tiny.context_length  # no cap below the model's context
     assert Worker(tiny, WorkerConfig(max_seq_len=100, num_blocks=3)).max_seq_len == 100
     assert Worker(tiny, WorkerConfig(max_seq_len=10**6, num_blocks=3)).max_seq_len == 512
-    default = Worker(tiny, WorkerConfig())  # 1 GiB on the CPU, committed only when written
-    assert default.num_blocks == 2**30 // KVShape.for_model(
-        tiny.model.config, 1, 16
-    ).bytes_per_block(tiny.dtype)
+    # the default: 1 GiB on the CPU, but no more than max_batch_rows full sequences fill
+    per_block_16 = KVShape.for_model(tiny.model.config, 1, 16).bytes_per_block(tiny.dtype)
+    default = Worker(tiny, WorkerConfig())
+    assert default.num_blocks == 64 * 512 // 16  # the tiny model: 16 MiB would hold 64 x 512
+    assert default.num_blocks < 2**30 // per_block_16
     with pytest.raises(ValueError, match="kv_cache_memory"):
         Worker(tiny, WorkerConfig(kv_cache_memory=per_block - 1, block_size=4))

@@ -33,7 +33,7 @@ from ..worker.loader import LoadedModel, load_model
 from ..worker.plan import StepOutput, StepPlan
 from ..worker.plugins import PluginRegistry, default_registry
 from ..worker.worker import Worker, WorkerConfig
-from .engine_config import EngineConfig
+from .engine_config import EngineConfig, default_step_token_budget
 from .engine_info import EngineInfo
 from .errors import EngineUnavailableError, QueueFullError
 from .event_stream import DEFAULT_BACKLOG, EventStream
@@ -82,7 +82,8 @@ class Engine:
                 block_size=self.worker.block_size,
                 max_batch_rows=config.max_batch_rows,
                 max_seq_len=self.worker.max_seq_len,
-                step_token_budget=config.step_token_budget,
+                step_token_budget=config.step_token_budget
+                or default_step_token_budget(loaded.device.type),
                 prefix_cache=config.prefix_cache,
                 priority_step=config.priority_step,
             )

@@ -85,8 +85,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         (
             "--step-token-budget",
             int,
-            defaults.step_token_budget,
-            "tokens fed per step: decodes first, then chunks of prompts",
+            None,
+            "tokens fed per step: decodes first, then chunks of prompts "
+            "(default: 128 on CPU, 2048 on CUDA)",
         ),
         (
             "--max-waiting",

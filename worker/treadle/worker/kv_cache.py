@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .plan import BlockCopy
@@ -145,18 +144,8 @@ def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled buffer. Zeros matter: positions past a row's length are masked in
-    attention, and masked zeros (unlike uninitialised memory) can never turn into NaN.
-
-    On the CPU the buffer comes from calloc (through numpy), so the operating system
-    hands out zero pages only as blocks are first written: start-up is instant and
-    resident memory grows with the blocks actually used, up to the configured size.
-    """
-    if device.type == "cpu":
-        try:
-            np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-        except TypeError:  # no numpy equivalent (bfloat16)
-            np_dtype = None
-        if np_dtype is not None:
-            return torch.from_numpy(np.zeros(dims, dtype=np_dtype))
+    """A zero-filled buffer, written once, so its memory is committed at start: the server's
+    footprint is known from the first step (an over-large pool fails at start, not under
+    load) and stays flat. Zeros matter too: positions past a row's length are masked in
+    attention, and masked zeros (unlike uninitialised memory) can never turn into NaN."""
     return torch.zeros(dims, dtype=dtype, device=device)

@@ -30,7 +30,8 @@ class WorkerConfig:
     #                                 context (its sliding window, if it has one)
     block_size: int = 16  # positions per KV block
     kv_cache_memory: int | None = None  # bytes of KV pool; None: 1 GiB on the CPU, on CUDA
-    #                                     `kv_cache_fraction` of the memory the model leaves free
+    #                                     `kv_cache_fraction` of the memory the model leaves free,
+    #                                     at most what max_batch_rows full sequences hold
     kv_cache_fraction: float = 0.85  # share of free device memory for the pool (CUDA default)
     num_blocks: int | None = None  # blocks in the pool, overriding the memory budget (tests)
     seed: int | None = None  # seeds sampling of requests without their own seed
@@ -56,8 +57,11 @@ class WorkerConfig:
             blocks, setting = self.num_blocks, "num_blocks"
         else:
             budget = self.kv_cache_memory
-            if budget is None:
-                budget = self._default_memory(loaded.device)
+            if budget is None:  # no more than the running requests could ever fill
+                full = (
+                    self.max_batch_rows * self.seq_len_for(loaded) * (per_block // self.block_size)
+                )
+                budget = min(self._default_memory(loaded.device), full)
             blocks, setting = budget // per_block, "kv_cache_memory"
         if blocks < 1:
             raise ValueError(
