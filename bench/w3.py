@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +27,19 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import numpy as np
 
-from bench.environment import environment
 from bench.progress import Progress
+from bench.scenario import Scenario, scenario_parser
 from bench.stream_clock import Timed, stream_timed
 from bench.workload import Workload, default_workload_path, load_workload
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.generation_request import GenerationRequest
-from treadle.worker.loader import LoadedModel, load_model
+from treadle.worker.loader import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="load_model spec; default: embedded SmolLM2")
-    ap.add_argument("--device", default=None)
+    ap = scenario_parser(__doc__.split("\n\n")[0], REPO / "bench" / "results")
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--budget", type=int, default=120, help="new tokens of each stream")
     ap.add_argument("--delay", type=float, default=4.0, help="seconds before the long prompt")
@@ -51,7 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--step-token-budget", type=int, default=None, help="default: the engine's default"
     )
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return ap.parse_args(argv)
 
 
@@ -131,38 +126,21 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    progress = Progress(label="w3")
-    started = datetime.now(UTC)
-    loaded = load_model(args.model, device=args.device)
-    workload = load_workload(default_workload_path(REPO), loaded.tokenizer)
+    sc = Scenario.start("w3", parse_args(argv))
+    args = sc.args
+    workload = load_workload(default_workload_path(REPO), sc.loaded.tokenizer)
     whole = args.prompt_tokens + args.streams
-    runs = [run(loaded, workload, args, b, progress) for b in (args.step_token_budget, whole)]
+    runs = [run(sc.loaded, workload, args, b, sc.progress) for b in (args.step_token_budget, whole)]
     chunked, at_once = runs
     gap = chunked["gap_s"]
-    report = {
-        "benchmark": "w3",
-        "started": started.isoformat(),
-        "command": [sys.executable, *sys.argv],
-        "model": loaded.name,
-        "environment": environment(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "runs": runs,
-        "goals": {
-            "max_gap_over_p50": round(gap["max"] / gap["p50"], 2) if gap else None,
-            "ttft_over_whole_prompt_run": round(
-                chunked["long_prompt_ttft_s"] / at_once["long_prompt_ttft_s"], 2
-            ),
-        },
+    goals = {
+        "max_gap_over_p50": round(gap["max"] / gap["p50"], 2) if gap else None,
+        "ttft_over_whole_prompt_run": round(
+            chunked["long_prompt_ttft_s"] / at_once["long_prompt_ttft_s"], 2
+        ),
     }
-    text = render(report)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    for name in (f"w3-{stamp}", "w3-latest"):
-        (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / f"{name}.md").write_text(text + "\n")
+    report = sc.report(runs, goals)
+    sc.write(report, render(report))
     return 0
 
 

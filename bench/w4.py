@@ -19,38 +19,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.environment import environment
 from bench.progress import Progress
+from bench.scenario import Scenario, scenario_parser
 from bench.stream_clock import Timed, stream_timed
 from bench.traces import percentiles
 from bench.workload import default_workload_path, read_items
 from treadle.api.params import ChatMessage
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.generation_request import GenerationRequest
-from treadle.worker.loader import LoadedModel, load_model
+from treadle.worker.loader import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="load_model spec; default: embedded SmolLM2")
-    ap.add_argument("--device", default=None)
+    ap = scenario_parser(__doc__.split("\n\n")[0], REPO / "bench" / "results")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--system-tokens", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return ap.parse_args(argv)
 
 
@@ -130,31 +125,13 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    progress = Progress(label="w4")
-    started = datetime.now(UTC)
-    loaded = load_model(args.model, device=args.device)
-    requests = build_requests(loaded, args)
-    runs = [run(loaded, requests, args, on, progress) for on in (True, False)]
+    sc = Scenario.start("w4", parse_args(argv))
+    requests = build_requests(sc.loaded, sc.args)
+    runs = [run(sc.loaded, requests, sc.args, on, sc.progress) for on in (True, False)]
     on, off = runs
-    report = {
-        "benchmark": "w4",
-        "started": started.isoformat(),
-        "command": [sys.executable, *sys.argv],
-        "model": loaded.name,
-        "environment": environment(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "runs": runs,
-        "goals": {"ttft_p50_off_over_on": round(off["ttft_s"]["p50"] / on["ttft_s"]["p50"], 2)},
-    }
-    text = render(report)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    for name in (f"w4-{stamp}", "w4-latest"):
-        (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / f"{name}.md").write_text(text + "\n")
+    goals = {"ttft_p50_off_over_on": round(off["ttft_s"]["p50"] / on["ttft_s"]["p50"], 2)}
+    report = sc.report(runs, goals)
+    sc.write(report, render(report))
     return 0
 
 
