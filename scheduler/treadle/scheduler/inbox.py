@@ -91,10 +91,6 @@ class Inbox:
         """Requests in flight."""
         return len(self._in_flight)
 
-    def get(self, request_id: str) -> Request | None:
-        with self._changed:
-            return self._in_flight.get(request_id)
-
     def snapshot(self) -> dict[str, Request]:
         with self._changed:
             return dict(self._in_flight)

@@ -365,8 +365,7 @@ class Scheduler:
         after_hit = len(req.token_ids) - len(cached) * self.config.block_size
         reusable_free = sum(1 for b in cached if self.pool.is_free(b))
         free = self.pool.num_free - reusable_free
-        room = (len(cached) + free) * self.config.block_size - len(cached) * self.config.block_size
-        fit = min(n, after_hit, room)
+        fit = min(n, after_hit, free * self.config.block_size)
         if fit <= 0:
             return 0 if self._preempt_for(req, plan) else None
         self.waiting.pop()
@@ -416,16 +415,14 @@ class Scheduler:
         self.pool.free(req.preempt())
         self.waiting.push(req)
         self.preempted += 1
-        plan.decode = [r for r in plan.decode if r.request_id != req.request_id]
-        plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
+        _drop_from_plan(plan, req)
         log.debug("step %d: preempted %s", plan.step, req.request_id)
 
     # -- helpers: outcomes ---------------------------------------------------------
     def _reject(self, req: Request, plan: StepPlan, now: float, message: str) -> None:
         """Undo a failed admission of `req` and end it with `message`."""
         self.waiting.remove(req)
-        plan.decode = [r for r in plan.decode if r.request_id != req.request_id]
-        plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
+        _drop_from_plan(plan, req)
         self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
 
     def _apply(self, req: Request, out: RowOutput, now: float, tokens: StepTokens) -> list[Event]:
@@ -482,3 +479,9 @@ class Scheduler:
         elif len(self._deadlines) > 2 * len(self._by_id) + _STALE_SLACK:
             self._deadlines = [e for e in self._deadlines if not e[2].is_finished]
             heapq.heapify(self._deadlines)
+
+
+def _drop_from_plan(plan: StepPlan, req: Request) -> None:
+    """Take `req`'s row out of the plan being built (it was preempted or rejected)."""
+    plan.decode = [r for r in plan.decode if r.request_id != req.request_id]
+    plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
