@@ -13,6 +13,7 @@ import torch
 from treadle.scheduler.engine import Engine
 from treadle.scheduler.events import Event, FinishEvent, TokenEvent
 from treadle.scheduler.generation_request import GenerationRequest
+from treadle.worker.history import TokenHistory
 from treadle.worker.loader import LoadedModel
 from treadle.worker.params import SamplingParams
 from treadle.worker.plan import RowInput
@@ -218,7 +219,6 @@ def decode_row(
         input_ids=token_ids[-1:],
         start=len(token_ids) - 1,
         block_table=list(range(i * blocks, (i + 1) * blocks)),
-        token_ids=token_ids,
-        prompt_len=prompt_len,
+        history=TokenHistory(token_ids, prompt_len),
         params=params,
     )

@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import standard_attention
 
+from treadle.worker.history import TokenHistory
 from treadle.worker.kv_cache import KVShape, PagedKVCache
 from treadle.worker.loader import LoadedModel
 from treadle.worker.model_runner import ModelRunner
@@ -73,8 +74,7 @@ class Seq:
             input_ids=self.tokens[self.done : end],
             start=self.done,
             block_table=self.table,
-            token_ids=self.tokens[: known or end],
-            prompt_len=len(self.tokens),
+            history=TokenHistory(self.tokens[: known or end]),
             params=GREEDY,
         )
 

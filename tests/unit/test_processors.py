@@ -350,17 +350,15 @@ def test_history_ids_past_the_score_width_are_ignored() -> None:
     assert int(out[0].isfinite().sum()) == V - 2
 
 
-def test_step_batch_histories() -> None:
+def test_step_batch_flattens_the_histories_statistics() -> None:
     rows = [
-        make_row([1, 2, 3, 4], 2, SamplingParams(), 0),
+        make_row([1, 2, 3, 2, 4, 4], 2, SamplingParams(), 0),
         make_row([5], 1, SamplingParams(), 1),
-        make_row([6, 7, 8], 1, SamplingParams(), 2),
+        make_row([6, 7, 6, 7], 1, SamplingParams(), 2),
     ]
-    direct = StepBatch(rows, torch.device("cpu"))
-    generated = direct.flat([0, 1, 2], generated_only=True)
-    derived = StepBatch(rows, torch.device("cpu"))
-    row, ids = derived.flat([0, 1, 2])
-    assert row.tolist() == [0, 0, 0, 0, 1, 2, 2, 2] and ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
-    for got in (generated, derived.flat([0, 1, 2], generated_only=True)):
-        assert got[0].tolist() == [0, 0, 2, 2] and got[1].tolist() == [3, 4, 7, 8]
-    assert derived.left_padded([0, 2]).tolist() == [[1, 2, 3, 4], [-1, 6, 7, 8]]
+    batch = StepBatch(rows, torch.device("cpu"))
+    row, ids = batch.seen([0, 1, 2])
+    assert row.tolist() == [0, 0, 0, 0, 1, 2, 2] and ids.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    row, ids, counts = batch.generated_counts([0, 1, 2])
+    assert row.tolist() == [0, 0, 0, 2, 2]
+    assert ids.tolist() == [3, 2, 4, 7, 6] and counts.tolist() == [1, 1, 2, 2, 1]

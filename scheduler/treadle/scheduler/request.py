@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..api.outcome import FinishReason, Usage
+from ..worker.history import TokenHistory
 from ..worker.params import SamplingParams
 from ..worker.plan import RowInput, RowOutput
 from .block_pool import BlockHash
@@ -55,7 +56,7 @@ class Request:
     deadline: float | None = None  # monotonic time after which the request is cancelled
     arrival: float = field(default_factory=time.monotonic)
 
-    token_ids: list[int] = field(init=False)  # prompt + generated
+    history: TokenHistory = field(init=False)  # prompt + generated, with running statistics
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     blocks: list[int] = field(default_factory=list, init=False)  # KV block table while running
     num_computed: int = field(default=0, init=False)  # leading token_ids whose KV is in blocks
@@ -69,12 +70,17 @@ class Request:
     matcher: StopStringMatcher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.token_ids = list(self.prompt_ids)
+        self.history = TokenHistory(self.prompt_ids)
         self.matcher = StopStringMatcher(
             self.stopping.stop_strings, self.stopping.include_stop_in_output
         )
 
     # -- derived state -------------------------------------------------------
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt, then generated tokens (the history's list: append through `accept`)."""
+        return self.history.ids
+
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
@@ -111,8 +117,7 @@ class Request:
             input_ids=self.token_ids[start : start + num_tokens],
             start=start,
             block_table=self.blocks,
-            token_ids=self.token_ids,
-            prompt_len=self.prompt_len,
+            history=self.history,
             params=self.sampling,
         )
 
@@ -138,7 +143,7 @@ class Request:
     def accept(self, out: RowOutput, now: float) -> list[Event]:
         """Apply one generated token; return its events (a FinishEvent last if it ended)."""
         token = out.token_id
-        self.token_ids.append(token)
+        self.history.append(token)
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..api.outcome import TokenLogprob
+from .history import TokenHistory
 from .params import SamplingParams
 
 
@@ -35,9 +36,18 @@ class RowInput:
     start: int  # position of input_ids[0]: tokens of this sequence already in its KV blocks
     block_table: Sequence[int]  # the sequence's KV blocks in order; they cover every position
     #                             < start + len(input_ids) (the step writes input_ids' KV there)
-    token_ids: Sequence[int]  # the whole sequence so far (prompt + generated)
-    prompt_len: int  # how many of token_ids are the prompt
+    history: TokenHistory  # the whole sequence so far (prompt + generated), with the
+    #                        statistics the processors keep incrementally (the request's own)
     params: SamplingParams  # processors and choice for the next token
+
+    @property
+    def token_ids(self) -> Sequence[int]:
+        """The whole sequence so far: prompt, then generated tokens."""
+        return self.history.ids
+
+    @property
+    def prompt_len(self) -> int:
+        return self.history.prompt_len
 
     @property
     def num_generated(self) -> int:

@@ -170,8 +170,8 @@ def _row_problem(r: RowInput, kind: str, block_size: int, num_blocks: int) -> st
     needed = -(-end // block_size)
     if len(r.block_table) < needed:
         return f"{len(r.block_table)} blocks cover < {end} positions (block size {block_size})"
-    table = r.block_table[:needed]
-    if min(table) < 0 or max(table) >= num_blocks:
+    written = r.block_table[r.start // block_size : needed]  # reads are bounds-checked by torch
+    if min(written) < 0 or max(written) >= num_blocks:
         return f"block table names a block outside the pool of {num_blocks}"
     return None
 

@@ -6,7 +6,8 @@
 - presence_penalty / frequency_penalty (OpenAI semantics, generated tokens
   only): `score -= presence * (count > 0) + frequency * count`.
 
-Both touch only the (row, token) pairs of the histories, never whole rows.
+Both touch only the (row, distinct token) pairs the rows' `TokenHistory`
+keeps, never whole rows and never the whole history.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ def apply_repetition_penalty(
     scores: torch.Tensor, batch: StepBatch, idx: Sequence[int]
 ) -> torch.Tensor:
     """Penalise, in place, the seen tokens of rows `idx` of `scores` `[N, V]`."""
-    local, tokens = _in_vocab(*batch.flat(idx), scores.shape[1])  # [T], [T]
+    local, tokens = batch.seen(idx)  # [T], [T]: distinct per row
+    local, tokens = _in_vocab(scores.shape[1], local, tokens)
     rows = row_index(idx, scores.device)[local]  # [T] rows of `scores`
     penalty = torch.tensor(
         [batch.rows[i].params.repetition_penalty for i in idx],
         dtype=scores.dtype,
         device=scores.device,
     )[local]  # [T]
-    seen = scores[rows, tokens]  # [T] read before any write: repeats get the same value
+    seen = scores[rows, tokens]  # [T]
     scores[rows, tokens] = torch.where(seen < 0, seen * penalty, seen / penalty)
     return scores
 
@@ -40,26 +42,25 @@ def apply_presence_frequency(
 ) -> torch.Tensor:
     """Subtract, in place, the presence and frequency penalties of rows `idx` of `scores`."""
     vocab = scores.shape[1]
-    rows, tokens = _in_vocab(*batch.flat(idx, generated_only=True), vocab)  # [T], [T]
-    pairs, counts = torch.unique(rows * vocab + tokens, return_counts=True)  # [U], [U]
-    rows, tokens = pairs // vocab, pairs % vocab  # [U] local rows, token ids
+    rows, tokens, counts = _in_vocab(vocab, *batch.generated_counts(idx))  # [U] each
     presence = torch.tensor(
         [batch.rows[i].params.presence_penalty for i in idx], device=rows.device
     )
     frequency = torch.tensor(
         [batch.rows[i].params.frequency_penalty for i in idx], device=rows.device
     )
-    penalty = presence[rows] + frequency[rows] * counts  # [U] float32: counts stay exact
+    penalty = presence[rows] + frequency[rows] * counts  # [U] float32 (counts are exact)
     at = (row_index(idx, scores.device)[rows], tokens)
     scores.index_put_(at, -penalty.to(scores.device, scores.dtype), accumulate=True)
     return scores
 
 
 def _in_vocab(
-    rows: torch.Tensor, tokens: torch.Tensor, vocab: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop ids past the score width (they cannot be generated, as in transformers)."""
+    vocab: int, rows: torch.Tensor, tokens: torch.Tensor, *more: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Drop the entries whose id is past the score width (such ids cannot be generated,
+    as in transformers); `rows`, `tokens` and `more` are parallel `[T]` tensors."""
     if tokens.numel() and int(tokens.max()) >= vocab:
         keep = tokens < vocab
-        return rows[keep], tokens[keep]
-    return rows, tokens
+        return tuple(t[keep] for t in (rows, tokens, *more))
+    return (rows, tokens, *more)
