@@ -51,7 +51,7 @@ def tokens(rng: np.random.Generator, n: int) -> list[int]:
 
 def row(i: int, history: TokenHistory) -> RowInput:
     n = len(history)
-    return RowInput(f"r{i}", history.ids[-1:], n - 1, [0], history, PARAMS)
+    return RowInput(f"r{i}", 0, history.ids[-1:], n - 1, [0], history, PARAMS)
 
 
 def run(rows: int, length: int, steps: int, incremental: bool) -> tuple[float, float]:

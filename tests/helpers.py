@@ -41,6 +41,10 @@ class Collected:
         assert self.events[-1] is final[0], "the terminal event is not the last one"
         return final[0]
 
+    def sample(self, index: int) -> Collected:
+        """The events of one sample of a request that asked for several."""
+        return Collected([e for e in self.events if e.index == index])
+
 
 def drive(
     engine: Engine, arrivals: Iterable[tuple[int, GenerationRequest]], max_steps: int = 10_000
@@ -216,9 +220,41 @@ def decode_row(
     blocks = -(-len(token_ids) // block_size)
     return RowInput(
         request_id=f"r{i}",
+        sample=0,
         input_ids=token_ids[-1:],
         start=len(token_ids) - 1,
         block_table=list(range(i * blocks, (i + 1) * blocks)),
         history=TokenHistory(token_ids, prompt_len),
         params=params,
     )
+
+
+def pool_bytes(tiny: LoadedModel, tokens: int) -> int:
+    """`--kv-cache-memory` for a pool of `tokens` positions of the tiny model (fp32)."""
+    c = tiny.model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return tokens * c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4
+
+
+def run_checked(engine: Engine, gens: list[GenerationRequest]) -> tuple[dict[str, Collected], int]:
+    """Run `gens` (all queued at once) on this thread, checking the engine's invariants
+    (block accounting included) after every step; returns the events and the preemptions."""
+    got: dict[str, Collected] = {}
+    for g in gens:
+        assert g.request_id is not None
+        sink = got.setdefault(g.request_id, Collected()).events.extend
+        engine.scheduler.add(engine.factory.build(g, g.request_id, sink))
+    preempted = 0
+    for _ in range(5_000):
+        if not engine.scheduler.has_work:
+            break
+        plan = engine.scheduler.schedule()
+        preempted += engine.scheduler.preempted
+        if not plan.is_empty:
+            engine.scheduler.update(plan, engine.worker.execute(plan))
+        for req, events in engine.scheduler.take_events():
+            req.sink(events)
+        engine.scheduler.check_invariants()
+    assert not engine.scheduler.has_work
+    assert engine.scheduler.pool.num_used == 0  # every block given back
+    return got, preempted

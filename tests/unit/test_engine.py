@@ -15,7 +15,9 @@ from helpers import (
     collect,
     collect_all,
     drive,
+    pool_bytes,
     reference_greedy,
+    run_checked,
 )
 
 from treadle.api.outcome import FinishReason
@@ -450,37 +452,6 @@ def test_max_backlog_given_at_creation_holds_from_the_first_event(
     assert got.finish.reason is FinishReason.CANCELLED
     assert got.finish.cause is Cause.SLOW_READER
     assert got.tokens == []  # token events are dropped once a request is cut
-
-
-def pool_bytes(tiny: LoadedModel, tokens: int) -> int:
-    """`--kv-cache-memory` for a pool of `tokens` positions of the tiny model (fp32)."""
-    c = tiny.model.config
-    head_dim = c.hidden_size // c.num_attention_heads
-    return tokens * c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4
-
-
-def run_checked(engine: Engine, gens: list[GenerationRequest]) -> tuple[dict[str, Collected], int]:
-    """Run `gens` (all queued at once) on this thread, checking the engine's invariants
-    (block accounting included) after every step; returns the events and the preemptions."""
-    got: dict[str, Collected] = {}
-    for g in gens:
-        assert g.request_id is not None
-        sink = got.setdefault(g.request_id, Collected()).events.extend
-        engine.scheduler.add(engine.factory.build(g, g.request_id, sink))
-    preempted = 0
-    for _ in range(5_000):
-        if not engine.scheduler.has_work:
-            break
-        plan = engine.scheduler.schedule()
-        preempted += engine.scheduler.preempted
-        if not plan.is_empty:
-            engine.scheduler.update(plan, engine.worker.execute(plan))
-        for req, events in engine.scheduler.take_events():
-            req.sink(events)
-        engine.scheduler.check_invariants()
-    assert not engine.scheduler.has_work
-    assert engine.scheduler.pool.num_used == 0  # every block given back
-    return got, preempted
 
 
 @pytest.mark.parametrize("budget", [5, 7, 13])

@@ -71,6 +71,7 @@ class Seq:
         end = self.done + n
         return RowInput(
             request_id=self.rid,
+            sample=0,
             input_ids=self.tokens[self.done : end],
             start=self.done,
             block_table=self.table,

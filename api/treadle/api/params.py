@@ -59,5 +59,6 @@ class GenerationParams:
     processed_logprobs: bool = False  # logprobs after processors/warpers instead of raw
     skip_special_tokens: bool = True
 
+    n: int = 1  # samples of the prompt; sample i is seeded with seed + i when seed is set
     priority: int = 0  # larger is admitted first
     plugins: list[PluginRequest] = field(default_factory=list)

@@ -95,6 +95,9 @@ class Engine:
             max_total_tokens=min(self.worker.max_seq_len, pool_tokens),
             eos_token_ids=loaded.eos_token_ids,
             bound="context" if self.worker.max_seq_len <= pool_tokens else "KV pool",
+            max_rows=self.scheduler.config.max_batch_rows,
+            pool_blocks=self.scheduler.config.num_blocks,
+            block_size=self.scheduler.config.block_size,
         )
         self.inputs = InputProcessor(loaded.tokenizer, loaded.vocab_size)
         self.factory = RequestFactory(self.inputs, self.model_limits, config.limits, self.plugins)
@@ -270,7 +273,9 @@ class Engine:
         """The stream for `gen` on the running loop, and `gen` with its request id set."""
         request_id = gen.request_id or uuid.uuid4().hex
         backlog = DEFAULT_BACKLOG if max_backlog is None else max_backlog
-        stream = EventStream(request_id, asyncio.get_running_loop(), self.abort, backlog)
+        stream = EventStream(
+            request_id, asyncio.get_running_loop(), self.abort, backlog, samples=gen.n
+        )
         return stream, gen if gen.request_id else _with_id(gen, request_id)
 
     async def generate(self, gen: GenerationRequest) -> AsyncIterator[Event]:
@@ -291,9 +296,11 @@ class Engine:
         self.scheduler.check_invariants()
         registry = self._inbox.snapshot()
         for req in self.scheduler.requests():
-            require(registry.get(req.request_id) is req, f"{req.request_id} is not in flight")
-        for request_id, req in registry.items():
-            require(not req.is_finished, f"finished request {request_id} is still in flight")
+            samples = registry.get(req.request_id, [])
+            require(any(s is req for s in samples), f"{req.key} is not in flight")
+        for samples in registry.values():
+            for req in samples:
+                require(not req.is_finished, f"finished request {req.key} is still in flight")
 
     # -- the step thread --------------------------------------------------------
     def _run(self) -> None:
@@ -325,9 +332,11 @@ class Engine:
                 self.scheduler.add(msg)
             except Exception:  # validation should have caught it; end it cleanly
                 message = internal_error(f"queueing {msg.request_id} failed")
-                finish = msg.finish(FinishReason.ERROR, time.monotonic(), message=message)
-                self._undelivered.append((msg, [finish]))
-                self._inbox.forget([msg.request_id])
+                samples = [msg, *msg.followers]
+                for req in samples:
+                    finish = req.finish(FinishReason.ERROR, time.monotonic(), message=message)
+                    self._undelivered.append((req, [finish]))
+                self._inbox.forget(samples)
                 try:
                     self._deliver()
                 finally:
@@ -392,10 +401,11 @@ class Engine:
         """Hand the scheduler's events out: registry first, then observers, then clients."""
         outbox = self.scheduler.take_events()
         self._undelivered.extend(outbox)
-        finished = [events[-1] for _, events in outbox if isinstance(events[-1], FinishEvent)]
+        ended = [(req, events[-1]) for req, events in outbox if isinstance(events[-1], FinishEvent)]
+        finished = [finish for _, finish in ended]
         stats.finished.extend(finished)
         if finished:  # before delivery: a client may reuse an id once it sees its finish
-            self._inbox.forget([e.request_id for e in finished])
+            self._inbox.forget([req for req, _ in ended])
         try:
             for observe in self.step_observers:  # before delivery: metrics never lag the clients
                 try:

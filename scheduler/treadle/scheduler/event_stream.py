@@ -15,8 +15,9 @@ class EventStream:
 
     The step thread calls `deliver` once per step with that step's events; they
     cross to the consumer's event loop through `call_soon_threadsafe`. Iteration
-    ends after the terminal `FinishEvent`. `cancel()` (or leaving the
-    iteration early through `aclose`) aborts the request on the engine.
+    ends after the last terminal `FinishEvent` (one per sample, `samples` in
+    all). `cancel()` (or leaving the iteration early through `aclose`) aborts
+    the request on the engine.
 
     Memory is bounded: once more than `max_backlog` deliveries wait unread (the
     consumer, e.g. a slow gRPC client, is not keeping up), the request is `cut`:
@@ -30,14 +31,16 @@ class EventStream:
         loop: asyncio.AbstractEventLoop,
         abort: Callable[[str, Ending], None],
         max_backlog: int = DEFAULT_BACKLOG,
+        samples: int = 1,
     ) -> None:
         self.request_id = request_id
+        self.samples = samples  # finish events to expect
         self.max_backlog = max_backlog
         self._loop = loop
         self._abort = abort
         self._queue: asyncio.Queue[list[Event]] = asyncio.Queue()
         self._pending: list[Event] = []
-        self._finished = False
+        self._finishes = 0  # finish events handed to the consumer
         self._cut = False  # aborted as a slow reader: only the finish is still queued
 
     def deliver(self, events: list[Event]) -> None:
@@ -46,6 +49,10 @@ class EventStream:
             self._loop.call_soon_threadsafe(self._put, events)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
             self._abort(self.request_id, CANCELLED)
+
+    @property
+    def _finished(self) -> bool:
+        return self._finishes >= self.samples
 
     def _put(self, events: list[Event]) -> None:
         if self._cut:  # after the cut, keep only the terminal event
@@ -87,7 +94,7 @@ class EventStream:
                 self._pending = await self._queue.get()
             event = self._pending.pop(0)
             if isinstance(event, FinishEvent):
-                self._finished = True
+                self._finishes += 1
                 return event
             if not self._cut:
                 return event

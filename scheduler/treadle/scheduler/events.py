@@ -1,4 +1,9 @@
-"""What the engine streams back for a request: token events, then one finish event."""
+"""What the engine streams back for a request: token events, then one finish event per sample.
+
+A request asking for `n` samples streams the events of samples 0..n-1
+interleaved, each tagged with its `index`; it has ended when every sample has
+sent its finish event.
+"""
 
 from __future__ import annotations
 
@@ -39,11 +44,12 @@ class TokenEvent:
     token_ids: tuple[int, ...]
     text: str  # newly released text; "" while it is held back (partial UTF-8 or stop string)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
+    index: int = 0  # the sample (0..n-1) the tokens belong to
 
 
 @dataclass(frozen=True, slots=True)
 class FinishEvent:
-    """The terminal event of a request."""
+    """The terminal event of one sample of a request (of the request, when n = 1)."""
 
     request_id: str
     reason: FinishReason
@@ -51,6 +57,7 @@ class FinishEvent:
     stop_sequence: str | None = None  # the matched stop string, for STOP_SEQUENCE
     message: str | None = None  # what went wrong, for ERROR and some CANCELLED
     cause: Cause | None = None  # for CANCELLED by the deadline or shutdown
+    index: int = 0  # the sample (0..n-1) that ended
 
 
 Event = TokenEvent | FinishEvent

@@ -2,8 +2,9 @@
 
 Frontend threads `put` requests and `abort` them; the step thread `take`s the
 messages in order. The in-flight registry holds every accepted request until
-its terminal event is produced: from any thread it answers whether an id is
-in use, how many requests are in flight and whether the engine is idle. The
+its terminal event is produced (each of its samples' when it has several):
+from any thread it answers whether an id is in use, how many requests are in
+flight and whether the engine is idle. The
 scheduler's own table is the step thread's and holds only what it was given,
 so a request the step thread has not taken yet is in flight here alone.
 """
@@ -35,7 +36,8 @@ class Inbox:
         self._messages: queue.SimpleQueue[Request | Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._changed = threading.Condition()  # the registry emptied or delivery ended
-        self._in_flight: dict[str, Request] = {}  # accepted, terminal event not produced yet
+        # accepted, by id: the samples whose terminal event is not produced yet
+        self._in_flight: dict[str, list[Request]] = {}
         self._delivering = False  # the step thread is handing out events of finished requests
         self._open = False
 
@@ -55,7 +57,8 @@ class Inbox:
             self._open = False
 
     def put(self, req: Request, admit: Callable[[int], None]) -> None:
-        """Register `req` as in flight and queue it for the step thread.
+        """Register `req` (and the samples it holds) as in flight and queue it for the
+        step thread.
 
         Under the registry's lock, `admit(num_in_flight)` may raise to refuse
         the request; so do a closed inbox (EngineUnavailableError) and an id
@@ -67,7 +70,7 @@ class Inbox:
             if req.request_id in self._in_flight:
                 raise DuplicateRequestError(f"request_id: {req.request_id!r} is already in flight")
             admit(len(self._in_flight))
-            self._in_flight[req.request_id] = req
+            self._in_flight[req.request_id] = [req, *req.followers]
         self._messages.put(req)
         self._wake.set()
 
@@ -91,9 +94,10 @@ class Inbox:
         """Requests in flight."""
         return len(self._in_flight)
 
-    def snapshot(self) -> dict[str, Request]:
+    def snapshot(self) -> dict[str, list[Request]]:
+        """Every request in flight: its samples not finished yet, by id."""
         with self._changed:
-            return dict(self._in_flight)
+            return {rid: list(samples) for rid, samples in self._in_flight.items()}
 
     # -- the step thread ------------------------------------------------------------------
     def take(self) -> Iterator[Request | Abort]:
@@ -109,13 +113,18 @@ class Inbox:
         self._wake.wait(timeout)
         self._wake.clear()  # safe: the caller takes the messages next
 
-    def forget(self, request_ids: list[str]) -> None:
-        """Take requests whose terminal events were produced out of the registry, before
-        their events go out (a client may reuse an id as soon as it sees its finish); the
-        engine counts as busy until `done_delivering`."""
+    def forget(self, finished: list[Request]) -> None:
+        """Take samples whose terminal events were produced out of the registry, before
+        their events go out: an id is free again once its last sample is out (a client may
+        reuse it as soon as it sees its last finish). The engine counts as busy until
+        `done_delivering`."""
         with self._changed:
-            for request_id in request_ids:
-                self._in_flight.pop(request_id, None)
+            for req in finished:
+                samples = self._in_flight.get(req.request_id, [])
+                if any(s is req for s in samples):
+                    samples[:] = [s for s in samples if s is not req]
+                    if not samples:
+                        del self._in_flight[req.request_id]
             self._delivering = True
 
     def done_delivering(self) -> None:
@@ -129,7 +138,7 @@ class Inbox:
         with self._changed:
             self._open = False
             self._delivering = True
-            return list(self._in_flight.values())
+            return [req for samples in self._in_flight.values() for req in samples]
 
     def clear(self) -> None:
         """Empty the registry (every request was given its terminal event) and end delivery."""

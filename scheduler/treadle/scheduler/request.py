@@ -20,7 +20,7 @@ EventSink = Callable[[list[Event]], None]  # receives a request's events of one 
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"  # queued (new, or preempted), holds no KV block
+    WAITING = "waiting"  # queued (new, or preempted), or held by its leader; holds no KV block
     RUNNING = "running"  # holds KV blocks; prefilling in chunks or decoding
     FINISHED = "finished"  # terminal event emitted; holds nothing
 
@@ -39,11 +39,19 @@ class StoppingParams:
 
 @dataclass(eq=False)
 class Request:
-    """A request from arrival to its terminal event.
+    """A request (one sample of it, when it asks for several) from arrival to its
+    terminal event.
 
     Everything about it lives here: ids, counters, parameters, stopping and
     detokenizer state, timings and where its events go. Phase and budget are
     derived from the counters, not stored.
+
+    Samples: a request asking for n samples is n `Request`s with the same
+    `request_id` and `index` 0..n-1. Sample 0, the leader, is the only one
+    queued; it holds the others (`followers`) and computes the prompt but its
+    last token alone. The scheduler then forks them (`fork_from`): they share
+    the leader's full prompt blocks, get a copy of its partial last block,
+    and run on their own from there, each with its own history and seed.
     """
 
     request_id: str
@@ -55,6 +63,8 @@ class Request:
     priority: int = 0
     deadline: float | None = None  # monotonic time after which the request is cancelled
     arrival: float = field(default_factory=time.monotonic)
+    index: int = 0  # which sample of the request (0..n-1)
+    followers: list[Request] = field(default_factory=list)  # samples 1..n-1 until the fork
 
     history: TokenHistory = field(init=False)  # prompt + generated, with running statistics
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
@@ -108,12 +118,24 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """What tells samples of one request apart: (request id, sample index)."""
+        return self.request_id, self.index
+
+    @property
+    def fork_at(self) -> int | None:
+        """Computed tokens at which the held followers fork (all but the prompt's last
+        token); None when it holds none."""
+        return self.prompt_len - 1 if self.followers else None
+
     def row_input(self, num_tokens: int) -> RowInput:
         """How the worker sees this request this step: its next `num_tokens` tokens
         (the block table is the request's own list: valid for this step)."""
         start = self.num_computed
         return RowInput(
             request_id=self.request_id,
+            sample=self.index,
             input_ids=self.token_ids[start : start + num_tokens],
             start=start,
             block_table=self.blocks,
@@ -130,6 +152,16 @@ class Request:
         if self.admitted_at is None:  # first admission (not a resumption)
             self.admitted_at = now
             self.cached_len = min(self.num_computed, self.prompt_len)
+
+    def fork_from(self, leader: Request, blocks: list[int]) -> None:
+        """Start running as a sample forked from `leader` at its fork point, with
+        `blocks` holding the same KV as the leader's computed tokens."""
+        self.status = RequestStatus.RUNNING
+        self.blocks = blocks
+        self.num_computed = leader.num_computed
+        self.block_hashes = list(leader.block_hashes)
+        self.admitted_at = leader.admitted_at
+        self.cached_len = leader.cached_len
 
     def preempt(self) -> list[int]:
         """Back to waiting, its KV dropped (it is recomputed on resumption, generated tokens
@@ -159,7 +191,7 @@ class Request:
         if reason is not None and matched is None:
             text += self.matcher.flush()
         logprobs = (out.logprobs,) if out.logprobs is not None else ()
-        events: list[Event] = [TokenEvent(self.request_id, (token,), text, logprobs)]
+        events: list[Event] = [TokenEvent(self.request_id, (token,), text, logprobs, self.index)]
         if reason is not None:
             events.append(self.finish(reason, now, stop_sequence=matched))
         return events
@@ -176,6 +208,7 @@ class Request:
         self.status = RequestStatus.FINISHED
         return FinishEvent(
             request_id=self.request_id,
+            index=self.index,
             reason=reason,
             usage=self.usage(now),
             stop_sequence=stop_sequence,

@@ -25,6 +25,14 @@ blocks as its tokens arrive. Each step has a token budget.
      every cached full block of its prompt (prefix cache) and computes only
      the rest, in chunks. A request with a higher priority than the last
      running one preempts it when rows or blocks are short.
+  A request asking for n samples is admitted as its sample 0 (the leader)
+  with rows for all n. The leader computes the prompt but its last token;
+  then its other samples fork from it: they share its full blocks (reference
+  counts), each gets a copy of its partial last block (`BlockCopy`, copy on
+  write), and all n feed the last prompt token as their own rows, so each
+  chooses its first token with its own seed. From there on every sample is
+  a request of its own (preempted, finished, cancelled alone; an abort by id
+  ends them all).
   If a row cannot get the block its tokens need, the lowest-ranked running
   request is preempted: its blocks are freed and it goes back to the
   waiting queue with its generated tokens, to be recomputed (prompt +
@@ -54,11 +62,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..api.outcome import FinishReason
-from ..worker.plan import RowOutput, StepOutput, StepPlan
+from ..worker.plan import BlockCopy, RowInput, RowOutput, StepOutput, StepPlan
 from .block_pool import BlockPool, chain_hashes
 from .engine_config import DEFAULT_PRIORITY_STEP
 from .errors import log_internal_error
-from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event
+from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event, FinishEvent
 from .request import Request, RequestStatus
 from .waiting_queue import WaitingQueue
 
@@ -122,8 +130,10 @@ class Scheduler:
         self.pool = BlockPool(config.num_blocks, config.block_size, config.prefix_cache)
         self.waiting = WaitingQueue(self.config.priority_step)
         self.running: list[Request] = []  # in rank order after each `schedule()`
-        self._by_id: dict[str, Request] = {}  # every waiting and running request
-        self._to_cancel: dict[str, Request] = {}  # running requests aborted since the last step
+        # every waiting and running request, by id, then sample index (held followers are
+        # their leader's)
+        self._by_id: dict[str, dict[int, Request]] = {}
+        self._to_cancel: dict[tuple[str, int], Request] = {}  # running, aborted since the step
         self._deadlines: list[tuple[float, int, Request]] = []  # heap; finished ones pruned lazily
         self._outbox: list[tuple[Request, list[Event]]] = []
         self._step = 0
@@ -152,16 +162,21 @@ class Scheduler:
         """Steps scheduled so far (the last plan's `step`)."""
         return self._step
 
-    def get(self, request_id: str) -> Request | None:
-        return self._by_id.get(request_id)
+    def get(self, request_id: str, index: int = 0) -> Request | None:
+        """Sample `index` of a waiting or running request (not a held follower)."""
+        return self._by_id.get(request_id, {}).get(index)
 
     def requests(self) -> list[Request]:
-        """Every request not finished yet: waiting and running."""
-        return list(self._by_id.values())
+        """Every request (sample) not finished yet: waiting and running."""
+        return [r for samples in self._by_id.values() for r in samples.values()]
+
+    def _of(self, row: RowInput) -> Request:
+        return self._by_id[row.request_id][row.sample]
 
     # -- inputs --------------------------------------------------------------
     def add(self, req: Request) -> None:
-        """Queue a validated request (one the pool can hold: validation checks it)."""
+        """Queue a validated request (one the pool can hold: validation checks it), with
+        the samples it holds as followers."""
         if req.request_id in self._by_id:
             raise ValueError(f"request {req.request_id} is already scheduled")
         most = min(self.config.max_seq_len, self.config.pool_tokens)
@@ -170,7 +185,7 @@ class Scheduler:
                 f"request {req.request_id} needs {req.max_total_tokens} KV positions; "
                 f"at most {most} fit"
             )
-        self._by_id[req.request_id] = req
+        self._by_id[req.request_id] = {req.index: req}
         self.waiting.push(req)
         if req.deadline is not None:
             heapq.heappush(self._deadlines, (req.deadline, id(req), req))
@@ -179,13 +194,14 @@ class Scheduler:
         """Ask for a request to end. False if unknown or already asked.
 
         A waiting request ends at once (its event waits in `take_events`); a
-        running one at the next `schedule()`, which frees its blocks.
+        running one at the next `schedule()`, which frees its blocks. Every
+        sample of the request ends.
         """
-        req = self._by_id.get(request_id)
-        if req is None or req.cancel_reason is not None:
-            return False
-        self._cancel(req, ending, self.clock())
-        return True
+        samples = [r for r in self._by_id.get(request_id, {}).values() if r.cancel_reason is None]
+        now = self.clock()
+        for req in samples:
+            self._cancel(req, ending, now)
+        return bool(samples)
 
     def abort_all(self, ending: Ending) -> None:
         """Ask every request to end (shutdown)."""
@@ -227,10 +243,10 @@ class Scheduler:
         """
         now = self.clock()
         for row_in in plan.rows:
-            self._computed(self._by_id[row_in.request_id], len(row_in.input_ids))
+            self._computed(self._of(row_in), len(row_in.input_ids))
         tokens = StepTokens()
         for row_in, out in zip(plan.sampled_rows, output.rows, strict=True):
-            req = self._by_id[row_in.request_id]
+            req = self._of(row_in)
             events = self._apply(req, out, now, tokens)
             if req.is_finished:
                 self._retire(req, events)
@@ -245,7 +261,7 @@ class Scheduler:
         """
         now = self.clock()
         for row_in in plan.rows:
-            req = self._by_id.get(row_in.request_id)
+            req = self.get(row_in.request_id, row_in.sample)
             if req is not None and req.status is RequestStatus.RUNNING:
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
         self.pool.clear_cache()
@@ -257,7 +273,7 @@ class Scheduler:
         nothing is held and the scheduler is ready for new requests.
         """
         now = self.clock()
-        for req in [*self._by_id.values(), *self.running]:
+        for req in [*self.requests(), *self.running]:
             if not req.is_finished:
                 req.blocks = []  # the pool is replaced below
                 self._retire(req, [req.finish(FinishReason.ERROR, now, message=message)])
@@ -286,7 +302,7 @@ class Scheduler:
         lazily); pending cancellations are of held requests.
         """
         running = list(self.running)
-        require(len(running) <= self.config.max_batch_rows, "more running requests than rows")
+        require(self._rows_taken() <= self.config.max_batch_rows, "more rows taken than there are")
         holders = [0] * self.pool.num_blocks
         for req in running:
             require(req.status is RequestStatus.RUNNING, f"{req.request_id} runs as {req.status}")
@@ -309,15 +325,26 @@ class Scheduler:
             require(not req.blocks and req.num_computed == 0, f"{req.request_id} waits with KV")
         held = {id(r) for r in running} | {id(r) for r in waiting}
         require(len(held) == len(running) + len(waiting), "a request both waits and runs")
-        by_id = {id(r) for r in self._by_id.values()}
+        by_id = {id(r) for r in self.requests()}
         require(held == by_id, "the id registry is not the waiting plus the running requests")
-        for rid, req in self._by_id.items():
-            require(req.request_id == rid, f"{req.request_id} registered as {rid}")
+        for rid, samples in self._by_id.items():
+            for index, req in samples.items():
+                require(req.key == (rid, index), f"{req.key} registered as {(rid, index)}")
+                for f in req.followers:
+                    require(
+                        f.status is RequestStatus.WAITING and not f.blocks and f.request_id == rid,
+                        f"{f.key}, held by its leader, is not a pristine sample of {rid}",
+                    )
+                fork_at = req.fork_at
+                require(
+                    fork_at is None or req.num_computed <= fork_at,
+                    f"{req.key} computed past its fork point",
+                )
         for req in self._to_cancel.values():
             require(id(req) in by_id, f"cancelling {req.request_id}, which is not held")
         require(
-            len(self._deadlines) <= 2 * len(self._by_id) + _STALE_SLACK,
-            f"the deadline heap holds {len(self._deadlines)} entries for {len(self._by_id)}",
+            len(self._deadlines) <= 2 * len(by_id) + _STALE_SLACK,
+            f"the deadline heap holds {len(self._deadlines)} entries for {len(by_id)}",
         )
         require(self.waiting.is_pruned, "the waiting queue holds too many removed entries")
 
@@ -343,6 +370,12 @@ class Scheduler:
         Returns the tokens planned (fewer than `n` if the free blocks hold fewer)."""
         if n <= 0:
             return 0
+        fork_at = req.fork_at
+        if fork_at is not None:
+            if req.num_computed < fork_at:
+                n = min(n, fork_at - req.num_computed)
+            elif not self._fork(req, plan) or req.status is not RequestStatus.RUNNING:
+                return 0
         while (fit := min(n, self._fits(req, self.pool.num_free))) == 0:
             victim = self.running[-1]
             self._preempt(victim, plan)
@@ -354,12 +387,45 @@ class Scheduler:
         (plan.decode if req.is_decoding else plan.prefill).append(row)
         return fit
 
+    def _fork(self, req: Request, plan: StepPlan) -> bool:
+        """Start `req`'s held samples at its fork point: each shares its full blocks and
+        gets a copy of its partial last block (preempting from the bottom of the ranking
+        for those copies), then feeds its last prompt token this step. False if `req`
+        itself was preempted (it forks when it comes back)."""
+        full, partial = divmod(req.num_computed, self.config.block_size)
+        while partial and self.pool.num_free < len(req.followers):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is req:
+                return False
+        shared = req.blocks[:full]
+        followers, req.followers = req.followers, []
+        for f in followers:
+            self.pool.touch(shared)
+            blocks = list(shared)
+            if partial:
+                blocks += self.pool.allocate(1)
+                plan.copies.append(BlockCopy(src=req.blocks[full], dst=blocks[-1]))
+            f.fork_from(req, blocks)
+            self.running.append(f)
+            self._by_id[f.request_id][f.index] = f
+            if f.deadline is not None:
+                heapq.heappush(self._deadlines, (f.deadline, id(f), f))
+        for f in followers:
+            if f.status is RequestStatus.RUNNING:  # not preempted by a sibling's block
+                self._run(f, f.num_uncomputed, plan)
+        return True
+
+    def _rows_taken(self) -> int:
+        """Rows of running requests, and those reserved for the samples they hold."""
+        return len(self.running) + sum(len(r.followers) for r in self.running)
+
     def _admit(self, req: Request, n: int, plan: StepPlan, now: float) -> int | None:
         """Admit the queue's head with a chunk of at most `n` tokens; return the tokens
         planned (None: it waits, for want of budget, rows or blocks)."""
         if n <= 0:
             return None
-        if len(self.running) >= self.config.max_batch_rows:
+        if self._rows_taken() + 1 + len(req.followers) > self.config.max_batch_rows:
             return 0 if self._preempt_for(req, plan) else None
         cached = self._cached_blocks(req)
         after_hit = len(req.token_ids) - len(cached) * self.config.block_size
@@ -442,7 +508,7 @@ class Scheduler:
             self.waiting.remove(req)
             self._end(req, ending, now)
         else:
-            self._to_cancel[req.request_id] = req
+            self._to_cancel[req.key] = req
 
     def _finish_cancelled(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -458,30 +524,42 @@ class Scheduler:
         self._retire(req, [finish])
 
     def _retire(self, req: Request, events: list[Event]) -> None:
-        """`req` has finished: queue its last events, free its blocks, forget it."""
+        """`req` has finished: queue its last events, free its blocks, forget it. Samples
+        it still holds (it never reached its fork point) end the same way."""
         self._outbox.append((req, events))
         if req.blocks:
             self.pool.free(req.blocks)
             req.blocks = []
         if req in self.running:
             self.running.remove(req)
-        if self._by_id.get(req.request_id) is req:
-            del self._by_id[req.request_id]
-        if self._to_cancel.get(req.request_id) is req:
-            del self._to_cancel[req.request_id]
+        samples = self._by_id.get(req.request_id, {})
+        if samples.get(req.index) is req:
+            del samples[req.index]
+            if not samples:
+                del self._by_id[req.request_id]
+        if self._to_cancel.get(req.key) is req:
+            del self._to_cancel[req.key]
         self.waiting.remove(req)
         self._prune_deadlines()
+        followers, req.followers = req.followers, []
+        end = events[-1]
+        if followers and isinstance(end, FinishEvent):
+            now = self.clock()
+            for f in followers:
+                finish = f.finish(end.reason, now, message=end.message, cause=end.cause)
+                self._outbox.append((f, [finish]))
 
     def _prune_deadlines(self) -> None:
         """Drop finished requests from the deadline heap (amortised O(1) per request)."""
-        if not self._by_id:
+        live = len(self.waiting) + len(self.running)  # what the heap may hold entries of
+        if not live:
             self._deadlines.clear()
-        elif len(self._deadlines) > 2 * len(self._by_id) + _STALE_SLACK:
+        elif len(self._deadlines) > 2 * live + _STALE_SLACK:
             self._deadlines = [e for e in self._deadlines if not e[2].is_finished]
             heapq.heapify(self._deadlines)
 
 
 def _drop_from_plan(plan: StepPlan, req: Request) -> None:
     """Take `req`'s row out of the plan being built (it was preempted or rejected)."""
-    plan.decode = [r for r in plan.decode if r.request_id != req.request_id]
-    plan.prefill = [r for r in plan.prefill if r.request_id != req.request_id]
+    plan.decode = [r for r in plan.decode if (r.request_id, r.sample) != req.key]
+    plan.prefill = [r for r in plan.prefill if (r.request_id, r.sample) != req.key]

@@ -6,11 +6,12 @@ or raises `ValidationError` whose message names the field and the limit.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..api.checks import ParameterError, check_params, check_seconds
+from ..api.checks import MAX_SEED, ParameterError, check_params, check_seconds
 from ..api.limits import RequestLimits
 from ..worker.params import LogprobsParams, SamplingParams
 from ..worker.plugins import PluginRegistry
@@ -30,6 +31,9 @@ class ModelLimits:
     max_total_tokens: int  # prompt + new tokens one request may hold: min(context, KV pool)
     eos_token_ids: tuple[int, ...]
     bound: str = "context"  # what sets max_total_tokens, named in messages ("KV pool")
+    max_rows: int = 2**31  # sequences running at once: bounds a request's samples
+    pool_blocks: int = 2**31  # KV blocks in the pool
+    block_size: int = 16  # positions per KV block
 
 
 class RequestFactory:
@@ -59,6 +63,10 @@ class RequestFactory:
     def build(self, gen: GenerationRequest, request_id: str, sink: EventSink) -> Request:
         """Validate `gen` and return a queued-to-be `Request`; raises ValidationError.
 
+        With `gen.n` > 1 the request is sample 0 and holds samples 1..n-1 as
+        its followers (sample i seeded with `seed + i` when a seed is given;
+        each with its own plugin states, detokenizer and stop matcher).
+
         Everything whose cost grows with the request's size is checked against
         its limit before the costly part (tokenizing, binding plugins) runs.
         """
@@ -70,24 +78,37 @@ class RequestFactory:
             raise ValidationError(exc.field, exc.detail) from exc
         self._check_priority(gen.priority)
         self._check_bad_word_chars(gen.bad_words)
+        self._check_samples(gen.n)
         prompt_ids = self.prompt_ids(gen)
+        self._check_fork(gen.n, len(prompt_ids))
         max_new = self._max_new_tokens(gen, len(prompt_ids))
         stopping = self._stopping(gen, max_new)
         sampling = self._sampling(gen, stopping)
         now = time.monotonic()
-        return Request(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            sampling=sampling,
-            stopping=stopping,
-            detokenizer=IncrementalDetokenizer(
-                self.inputs.tokenizer, prompt_ids, gen.skip_special_tokens
-            ),
-            sink=sink,
-            priority=gen.priority,
-            deadline=(now + gen.deadline) if gen.deadline is not None else None,
-            arrival=now,
-        )
+
+        def sample(index: int) -> Request:
+            params = sampling
+            if index:  # its own seed stream and plugin states
+                seed = None if gen.seed is None else (gen.seed + index) % (MAX_SEED + 1)
+                params = dataclasses.replace(sampling, seed=seed, plugins=self._plugins(gen))
+            return Request(
+                request_id=request_id,
+                prompt_ids=prompt_ids,
+                sampling=params,
+                stopping=stopping,
+                detokenizer=IncrementalDetokenizer(
+                    self.inputs.tokenizer, prompt_ids, gen.skip_special_tokens
+                ),
+                sink=sink,
+                priority=gen.priority,
+                deadline=(now + gen.deadline) if gen.deadline is not None else None,
+                arrival=now,
+                index=index,
+            )
+
+        leader = sample(0)
+        leader.followers = [sample(i) for i in range(1, gen.n)]
+        return leader
 
     def prompt_ids(self, gen: GenerationRequest) -> list[int]:
         """The input's token ids (as `InputProcessor.prompt_ids`), after its size is
@@ -108,6 +129,22 @@ class RequestFactory:
         return self.inputs.prompt_ids(gen)
 
     # -- pieces -----------------------------------------------------------------
+    def _check_samples(self, n: int) -> None:
+        if n > self.model.max_rows:
+            raise ValidationError(
+                "n", f"is {n} samples; the server runs at most {self.model.max_rows} at once"
+            )
+
+    def _check_fork(self, n: int, prompt_len: int) -> None:
+        """The prompt's blocks plus a copy of its last one per extra sample must fit."""
+        need = -(-prompt_len // self.model.block_size) + n - 1
+        if n > 1 and need > self.model.pool_blocks:
+            raise ValidationError(
+                "n",
+                f"{n} samples of a {prompt_len}-token prompt need {need} KV blocks; "
+                f"the KV pool has {self.model.pool_blocks}",
+            )
+
     def _check_priority(self, priority: int) -> None:
         most = self.limits.max_priority
         if not -most <= priority <= most:

@@ -32,6 +32,7 @@ class RowInput:
     """One sequence in the step, as the worker sees it."""
 
     request_id: str  # for errors and logs
+    sample: int  # which sample of the request (0..n-1); with request_id, names the sequence
     input_ids: Sequence[int]  # fed this step: token_ids[start : start + len(input_ids)]
     start: int  # position of input_ids[0]: tokens of this sequence already in its KV blocks
     block_table: Sequence[int]  # the sequence's KV blocks in order; they cover every position
