@@ -55,6 +55,7 @@ def check_params(p: GenerationParams, limits: RequestLimits | None = None) -> No
         if not word:
             raise ParameterError(f"bad_words[{i}]", "must not be empty")
     check_count("top_logprobs", p.top_logprobs, 0, 2**31)
+    check_count("n", p.n, 1, 2**31)
     if limits is not None:
         check_limits(p, limits)
 
@@ -77,6 +78,7 @@ def check_limits(p: GenerationParams, lim: RequestLimits) -> None:
     _check_most("logit_bias", len(p.logit_bias), lim.max_logit_bias, "entries")
     _check_most("allowed_token_ids", len(p.allowed_token_ids), lim.max_allowed_token_ids, "ids")
     check_count("top_logprobs", p.top_logprobs, 0, lim.max_top_logprobs)
+    check_count("n", p.n, 1, lim.max_samples)
     _check_most("plugins", len(p.plugins), lim.max_plugins, "plugins")
 
 

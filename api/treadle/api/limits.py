@@ -28,6 +28,7 @@ class RequestLimits:
     max_plugin_args_bytes: int = 16384  # each plugin's args_json, UTF-8 bytes
     max_plugin_args_depth: int = 32  # nesting of arrays and objects in args_json
     max_top_logprobs: int = 20
+    max_samples: int = 16  # n: samples of one prompt
     max_request_id_bytes: int = 256  # UTF-8 bytes; the id is echoed in every event
     max_prompt_chars: int | None = None  # prompt or chat characters; None: derived (below)
     max_chat_messages: int = 1024

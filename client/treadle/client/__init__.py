@@ -21,7 +21,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .results import Event, Finish, ModelInfo, Result, TokenChunk
+from .results import Event, Finish, ModelInfo, Result, SampleResult, TokenChunk
 from .retry import RetryPolicy
 from .sync_client import Client
 
@@ -44,6 +44,7 @@ __all__ = [
     "RequestTooLarge",
     "Result",
     "RetryPolicy",
+    "SampleResult",
     "TlsConfig",
     "TokenChunk",
     "TreadleClientError",

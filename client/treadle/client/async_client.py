@@ -27,7 +27,7 @@ from .errors import InvalidArgument, error_from_rpc
 from .results import ModelInfo, Result
 from .retry import RetryPolicy
 from .session import AsyncSession
-from .streams import ResponseStream, raise_if_error
+from .streams import ResponseStream, raise_if_failed
 
 _Response = TypeVar("_Response")
 
@@ -42,12 +42,14 @@ class AsyncClient:
 
     Inputs: a string (raw prompt), a list of chat messages (rendered with the
     model's chat template on the server), or `token_ids=`. Parameters: a
-    `GenerationParams` and/or its fields as keyword arguments. Parameters are
-    checked before anything is sent (InvalidArgument with the server's own
-    messages). Errors are typed (see `treadle.client.errors`). `timeout`
-    (seconds) applies per call, retries included. gRPC retries refused calls
-    (UNAVAILABLE) per `retry`, within a retry budget shared by the client's
-    calls, and only until the first response arrives, never after.
+    `GenerationParams` and/or its fields as keyword arguments (`n=3` asks for
+    three samples of the prompt: `Result.samples`, events tagged with their
+    sample's `index`). Parameters are checked before anything is sent
+    (InvalidArgument with the server's own messages). Errors are typed (see
+    `treadle.client.errors`). `timeout` (seconds) applies per call, retries
+    included. gRPC retries refused calls (UNAVAILABLE) per `retry`, within a
+    retry budget shared by the client's calls, and only until the first
+    response arrives, never after.
     """
 
     def __init__(
@@ -105,15 +107,15 @@ class AsyncClient:
         timeout: float | None = None,
         **overrides: Any,
     ) -> Result:
-        """Generate a whole answer.
+        """Generate a whole answer (`n` answers with `n=`: `Result.samples`).
 
-        Raises a TreadleClientError if the request fails, and Unavailable
-        (retryable) if server shutdown cut it: partial text is never returned
-        as a result.
+        Raises a TreadleClientError if the request fails (any of its samples),
+        and Unavailable (retryable) if server shutdown cut it: partial text is
+        never returned as a result.
         """
         request = self.build_request(prompt, token_ids, params, request_id, overrides)
         result = result_from_proto(await self._unary(self.stub.Generate, request, timeout))
-        raise_if_error(result.finish)
+        raise_if_failed(result)
         return result
 
     def stream(
@@ -126,13 +128,15 @@ class AsyncClient:
         timeout: float | None = None,
         **overrides: Any,
     ) -> ResponseStream:
-        """Stream a request's events (TokenChunk..., Finish); see ResponseStream."""
+        """Stream a request's events (TokenChunk..., Finish; with `n=`, each sample's,
+        interleaved); see ResponseStream."""
         request = self.build_request(prompt, token_ids, params, request_id, overrides)
         stub = self.stub
         return ResponseStream(
             lambda: stub.GenerateStream(
                 request, timeout=self._timeout(timeout), metadata=self._metadata()
-            )
+            ),
+            samples=request.n or 1,
         )
 
     def stream_text(self, prompt: Prompt | None = None, **kwargs: Any) -> Any:
@@ -153,6 +157,7 @@ class AsyncClient:
             max_stop_strings=info.max_stop_strings,
             max_plugins=info.max_plugins,
             max_top_logprobs=info.max_top_logprobs,
+            max_samples=info.max_samples,
         )
         return info
 

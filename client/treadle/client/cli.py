@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):  # gRPC core aborts on one alone
         parser.error("--tls-cert and --tls-key go together (mutual TLS needs both)")
+    if args.verb == "chat" and args.n not in (None, 1):
+        parser.error("chat: -n/--n must be 1 (a conversation keeps one answer)")
     from . import commands
 
     verbs: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -114,7 +116,16 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(GenerationParams):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        if f.name == "plugins":
+        if f.name == "n":
+            group.add_argument(
+                "-n",
+                flag,
+                type=int,
+                default=None,
+                metavar="N",
+                help="samples of the prompt (default 1); each is printed, labelled",
+            )
+        elif f.name == "plugins":
             group.add_argument(
                 flag.removesuffix("s"),
                 dest=f.name,

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.outcome import TokenLogprob
@@ -41,7 +42,8 @@ def client_from_args(args: argparse.Namespace) -> Client:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Stream one answer to stdout; the finish line goes to stderr."""
+    """Stream one answer to stdout; the finish line goes to stderr. With -n N > 1, print
+    each sample once all have finished, labelled `[sample i]`."""
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [*_opening(args.system), ChatMessage("user", prompt_text)]
     prompt: Prompt = messages if (args.chat or args.system) else prompt_text
@@ -51,6 +53,9 @@ def generate(args: argparse.Namespace) -> int:
             if args.json:
                 result = client.generate(prompt, params=params)
                 print(json.dumps(dataclasses.asdict(result), default=_plain, indent=2))
+                return 0
+            if params.n > 1:
+                _print_samples(_gather_samples(client, prompt, params))
                 return 0
             logprobs: list[tuple[str, TokenLogprob]] = []
             _, finish = _print_answer(client, prompt, params, logprobs)
@@ -160,6 +165,40 @@ def _print_answer(
     return "".join(parts), None
 
 
+@dataclass
+class _Sample:
+    """One sample's answer, as `generate -n` prints it."""
+
+    text: list[str] = field(default_factory=list)  # its chunks' text
+    logprobs: list[tuple[str, TokenLogprob]] = field(default_factory=list)  # with chunk text
+    finish: Finish | None = None
+
+
+def _gather_samples(client: Client, prompt: Prompt, params: GenerationParams) -> list[_Sample]:
+    """Every sample of the request, gathered from its stream; raises the typed error of
+    the first sample to end in ERROR."""
+    samples = [_Sample() for _ in range(params.n)]
+    for event in client.stream(prompt, params=params):
+        sample = samples[event.index]
+        if isinstance(event, TokenChunk):
+            sample.text.append(event.text)
+            sample.logprobs.extend((event.text, lp) for lp in event.logprobs)
+        else:
+            raise_if_error(event)
+            sample.finish = event
+    return samples
+
+
+def _print_samples(samples: list[_Sample]) -> None:
+    """Each sample in index order: `[sample i]` and its text on stdout, then its logprobs
+    and finish line (`sample i: [reason] ...`) on stderr."""
+    for i, sample in enumerate(samples):
+        print(f"[sample {i}]", flush=True)
+        print("".join(sample.text), flush=True)
+        _print_logprobs(sample.logprobs)
+        _print_finish(sample.finish, f"sample {i}: ")
+
+
 def _print_chat_answer(
     client: Client, messages: list[ChatMessage], params: GenerationParams
 ) -> str | None:
@@ -188,12 +227,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _print_finish(finish: Finish | None) -> None:
+def _print_finish(finish: Finish | None, label: str = "") -> None:
     if finish is None:
         return
     u = finish.usage
     print(
-        f"[{finish.reason.value}] {u.generated_tokens} tokens, prompt {u.prompt_tokens}, "
+        f"{label}[{finish.reason.value}] {u.generated_tokens} tokens, prompt {u.prompt_tokens}, "
         f"first token after {u.time_to_first_token_seconds:.2f} s, total {u.total_seconds:.2f} s"
         + (f"; {finish.error_message}" if finish.error_message else ""),
         file=sys.stderr,

@@ -13,6 +13,7 @@ from .results import (
     FinishReason,
     ModelInfo,
     Result,
+    SampleResult,
     TokenChunk,
     TokenLogprob,
     Usage,
@@ -72,6 +73,7 @@ def request_to_proto(
         priority=p.priority,
         plugins=[pb.Plugin(name=x.name, args_json=json.dumps(x.args)) for x in p.plugins],
         keep_special_tokens=not p.skip_special_tokens,
+        n=p.n,
     )
     if token_ids is not None:
         msg.token_ids.CopyFrom(pb.TokenIds(ids=token_ids))
@@ -92,6 +94,7 @@ def chunk_from_proto(request_id: str, chunk: pb.TokenChunk) -> TokenChunk:
         token_ids=tuple(chunk.token_ids),
         text=chunk.text,
         logprobs=tuple(logprob_from_proto(lp) for lp in chunk.logprobs),
+        index=chunk.index,
     )
 
 
@@ -119,6 +122,7 @@ def finish_from_proto(request_id: str, finish: pb.Finish) -> Finish:
         stop_sequence=finish.stop_sequence,
         error_code=finish.error.code,
         error_message=finish.error.message,
+        index=finish.index,
     )
 
 
@@ -129,13 +133,22 @@ def event_from_proto(event: pb.GenerateEvent | pb.SessionEvent) -> TokenChunk | 
 
 
 def result_from_proto(response: pb.GenerateResponse) -> Result:
+    """The Result of a GenerateResponse: its `samples` when n > 1, else the one sample
+    its top-level fields hold."""
     rid = response.request_id
-    return Result(
-        request_id=rid,
-        text=response.text,
-        token_ids=tuple(response.token_ids),
-        finish=finish_from_proto(rid, response.finish),
-        logprobs=tuple(logprob_from_proto(lp) for lp in response.logprobs),
+    if response.samples:
+        return Result.of(rid, [sample_from_proto(rid, s) for s in response.samples])
+    return Result.of(rid, [sample_from_proto(rid, response)])
+
+
+def sample_from_proto(request_id: str, sample: pb.Sample | pb.GenerateResponse) -> SampleResult:
+    """One sample's result (a GenerateResponse's top-level fields are sample 0's)."""
+    return SampleResult(
+        index=sample.index if isinstance(sample, pb.Sample) else 0,
+        text=sample.text,
+        token_ids=tuple(sample.token_ids),
+        finish=finish_from_proto(request_id, sample.finish),
+        logprobs=tuple(logprob_from_proto(lp) for lp in sample.logprobs),
     )
 
 
@@ -156,4 +169,5 @@ def model_info_from_proto(info: pb.ModelInfoResponse) -> ModelInfo:
         max_request_bytes=info.max_request_bytes,
         plugins=tuple(info.plugins),
         has_chat_template=info.has_chat_template,
+        max_samples=info.max_samples or 1,  # 0: a server that predates samples
     )

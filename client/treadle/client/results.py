@@ -1,7 +1,13 @@
-"""What the SDK returns: typed events, results and model information."""
+"""What the SDK returns: typed events, results and model information.
+
+A request may ask for n samples of its prompt: its events then interleave the
+samples' (each event's `index` says whose), every sample ends with its own
+Finish, and its Result holds every sample.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from treadle.api.outcome import FinishReason, TokenLogprob, Usage
@@ -15,11 +21,13 @@ class TokenChunk:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # the sample the tokens belong to (0..n-1)
 
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """The end of a request: always the last event."""
+    """The end of a request (of one of its samples when n > 1): a request's last
+    event is the Finish of the last sample to end."""
 
     request_id: str
     reason: FinishReason
@@ -27,16 +35,17 @@ class Finish:
     stop_sequence: str = ""
     error_code: int = 0  # gRPC status code number, for errors and some cancellations
     error_message: str = ""
+    index: int = 0  # the sample that ended (0..n-1)
 
 
 Event = TokenChunk | Finish
 
 
 @dataclass(frozen=True, slots=True)
-class Result:
-    """A whole generation."""
+class SampleResult:
+    """One sample's whole generation."""
 
-    request_id: str
+    index: int  # 0..n-1
     text: str
     token_ids: tuple[int, ...]
     finish: Finish
@@ -49,6 +58,74 @@ class Result:
     @property
     def usage(self) -> Usage:
         return self.finish.usage
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A whole generation: the text, tokens and finish are sample 0's, so code for one
+    sample reads them as they are; `samples` holds every sample in index order (one
+    when n = 1, that same sample 0)."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish: Finish
+    logprobs: tuple[TokenLogprob, ...] = ()
+    samples: tuple[SampleResult, ...] = ()
+
+    @classmethod
+    def of(cls, request_id: str, samples: Sequence[SampleResult]) -> Result:
+        """The Result of a request's samples (index order; at least one)."""
+        first = samples[0]
+        return cls(
+            request_id, first.text, first.token_ids, first.finish, first.logprobs, tuple(samples)
+        )
+
+    @property
+    def reason(self) -> FinishReason:
+        return self.finish.reason
+
+    @property
+    def usage(self) -> Usage:
+        return self.finish.usage
+
+
+class SampleCollector:
+    """Gathers the events of a request's `samples` samples, which interleave, into its
+    Result."""
+
+    def __init__(self, samples: int = 1) -> None:
+        self.samples = samples
+        self._chunks: dict[int, list[TokenChunk]] = {}  # by sample index
+        self._finishes: dict[int, Finish] = {}
+
+    @property
+    def done(self) -> bool:
+        """Whether every sample has finished."""
+        return all(i in self._finishes for i in range(self.samples))
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TokenChunk):
+            self._chunks.setdefault(event.index, []).append(event)
+        else:
+            self._finishes[event.index] = event
+
+    def result(self) -> Result:
+        """The Result of every sample; only once `done`."""
+        if not self.done:
+            raise RuntimeError("a sample has not finished yet")
+        samples = [self._sample(i) for i in range(self.samples)]
+        return Result.of(samples[0].finish.request_id, samples)
+
+    def _sample(self, index: int) -> SampleResult:
+        chunks = self._chunks.get(index, [])
+        return SampleResult(
+            index=index,
+            text="".join(c.text for c in chunks),
+            token_ids=tuple(t for c in chunks for t in c.token_ids),
+            finish=self._finishes[index],
+            logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +147,4 @@ class ModelInfo:
     max_request_bytes: int
     plugins: tuple[str, ...]
     has_chat_template: bool
+    max_samples: int  # most samples (n) per request

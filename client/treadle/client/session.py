@@ -15,8 +15,8 @@ from treadle.v1 import treadle_pb2 as pb
 from ..api.params import GenerationParams
 from .convert import Prompt, event_from_proto
 from .errors import Cancelled, InternalError, InvalidArgument, TreadleClientError, error_from_rpc
-from .results import Event, Finish, Result, TokenChunk
-from .streams import raise_if_error
+from .results import Event, Finish, Result, SampleCollector
+from .streams import raise_if_failed
 
 # (prompt, token_ids, params, request_id, overrides) -> a checked wire request
 BuildRequest = Callable[
@@ -30,22 +30,24 @@ log = logging.getLogger("treadle.client")
 class SessionRequest:
     """One request of a session: an async iterator of its events, `cancel()`, `result()`.
 
-    It always ends: with its Finish, or with the error that tore the session
-    down (the server's status, Cancelled for a session cancelled locally,
-    InternalError if the stream ended without this request's Finish).
+    It always ends: with its Finish (of every sample, `samples` in all), or
+    with the error that tore the session down (the server's status, Cancelled
+    for a session cancelled locally, InternalError if the stream ended without
+    this request's Finish).
     """
 
-    def __init__(self, session: AsyncSession, request_id: str) -> None:
+    def __init__(self, session: AsyncSession, request_id: str, samples: int = 1) -> None:
         self.request_id = request_id
+        self.samples = samples
         self._session = session
         self._queue: asyncio.Queue[Event | TreadleClientError] = asyncio.Queue()
-        self._chunks: list[TokenChunk] = []  # every chunk received, for result()
-        self._finish: Finish | None = None
+        self._events = SampleCollector(samples)  # every event iterated, for result()
+        self._delivered = 0  # finishes put in the queue
         self._error: TreadleClientError | None = None
 
     @property
     def done(self) -> bool:
-        return self._finish is not None or self._error is not None
+        return self._events.done or self._error is not None
 
     def __aiter__(self) -> SessionRequest:
         return self
@@ -57,10 +59,7 @@ class SessionRequest:
         if isinstance(item, TreadleClientError):
             self._error = item
             raise item
-        if isinstance(item, Finish):
-            self._finish = item
-        else:
-            self._chunks.append(item)
+        self._events.add(item)
         return item
 
     def cancel(self) -> None:
@@ -78,22 +77,21 @@ class SessionRequest:
             pass
         if self._error is not None:
             raise self._error
-        assert self._finish is not None  # not done means the loop above went on
-        raise_if_error(self._finish)
-        return Result(
-            self.request_id,
-            "".join(c.text for c in self._chunks),
-            tuple(t for c in self._chunks for t in c.token_ids),
-            self._finish,
-            tuple(lp for c in self._chunks for lp in c.logprobs),
-        )
+        result = self._events.result()  # done: every sample has finished
+        raise_if_failed(result)
+        return result
 
     async def aclose(self) -> None:
         """Stop listening; cancels the request if it has not finished."""
         self.cancel()
 
-    def _put(self, item: Event | TreadleClientError) -> None:
+    def _put(self, item: Event | TreadleClientError) -> bool:
+        """Queue `item`; returns whether it ends the request (the last sample's Finish)."""
         self._queue.put_nowait(item)
+        if not isinstance(item, Finish):
+            return False
+        self._delivered += 1
+        return self._delivered >= self.samples
 
 
 class AsyncSession:
@@ -161,7 +159,7 @@ class AsyncSession:
                 f"request_id: {request.request_id!r} is already open in this session",
                 field="request_id",
             )
-        handle = SessionRequest(self, request.request_id)
+        handle = SessionRequest(self, request.request_id, request.n or 1)
         self._open[request.request_id] = handle
         self._send(pb.SessionRequest(generate=request))
         return handle
@@ -198,9 +196,7 @@ class AsyncSession:
         handle = self._open.get(message.request_id)
         if handle is None:
             return
-        event = event_from_proto(message)
-        handle._put(event)
-        if isinstance(event, Finish):
+        if handle._put(event_from_proto(message)):  # its last finish: the id may be reused
             del self._open[message.request_id]
 
     def _end_all(self, error: TreadleClientError) -> None:

@@ -10,16 +10,19 @@ import grpc
 
 from treadle.v1 import treadle_pb2 as pb
 
-from ..api.outcome import FinishReason, TokenLogprob
+from ..api.outcome import FinishReason
 from .convert import event_from_proto
 from .errors import TreadleClientError, Unavailable, error_for, error_from_number, error_from_rpc
-from .results import Event, Finish, Result, TokenChunk
+from .results import Event, Finish, Result, SampleCollector, TokenChunk
 
 OpenCall = Callable[[], Any]  # () -> a grpc.aio UnaryStreamCall of GenerateEvents
 
 
 class ResponseStream:
     """Async iterator over one request's events: TokenChunks, then one Finish.
+
+    A request for `samples` (n) samples interleaves theirs (`index` says whose)
+    and each sample ends with its own Finish; the iteration ends after the n-th.
 
     Leaving the iteration early (`aclose()`, `cancel()`, `async with` exit,
     the consuming task being cancelled) cancels the request on the server.
@@ -30,8 +33,10 @@ class ResponseStream:
     for it.
     """
 
-    def __init__(self, open_call: OpenCall) -> None:
+    def __init__(self, open_call: OpenCall, samples: int = 1) -> None:
         self._open_call = open_call
+        self.samples = samples
+        self._finishes = 0  # finishes received
         self._call: Any = None
         self._done = False
 
@@ -54,7 +59,8 @@ class ResponseStream:
             raise
         event = event_from_proto(message)
         if isinstance(event, Finish):
-            self._done = True
+            self._finishes += 1
+            self._done = self._finishes >= self.samples
         return event
 
     def cancel(self) -> None:
@@ -68,17 +74,18 @@ class ResponseStream:
             self.cancel()
 
     async def text(self) -> AsyncIterator[str]:
-        """Only the text, as it is released; raises if the request ends with an error."""
+        """Only the text (of sample 0, when n > 1), as it is released; raises if a
+        sample ends with an error."""
         async for event in self:
             if isinstance(event, TokenChunk):
-                if event.text:
+                if event.text and event.index == 0:
                     yield event.text
             else:
                 raise_if_error(event)
 
     async def result(self) -> Result:
-        """Consume the stream into one Result."""
-        return await collect(self)
+        """Consume the stream into one Result (every sample's)."""
+        return await collect(self, self.samples)
 
     async def _next_message(self) -> pb.GenerateEvent:
         if self._call is None:  # kept at once, so `cancel()` reaches it
@@ -125,20 +132,25 @@ def raise_if_error(finish: Finish) -> None:
         raise error
 
 
-async def collect(events: AsyncIterator[Event] | Awaitable[Any]) -> Result:
-    """Gather a stream of events into one Result (raises on an ERROR finish)."""
-    text: list[str] = []
-    ids: list[int] = []
-    logprobs: list[TokenLogprob] = []
+def raise_if_failed(result: Result) -> None:
+    """Raise the error of the first sample (in index order) whose Finish reports one."""
+    for finish in [s.finish for s in result.samples] or [result.finish]:
+        raise_if_error(finish)
+
+
+async def collect(events: AsyncIterator[Event] | Awaitable[Any], samples: int = 1) -> Result:
+    """Gather a stream of events of `samples` samples into one Result, once every sample
+    has finished (raises on an ERROR finish, or if the stream ends before)."""
+    collector = SampleCollector(samples)
     async for event in events:  # type: ignore[union-attr]
-        if isinstance(event, TokenChunk):
-            text.append(event.text)
-            ids.extend(event.token_ids)
-            logprobs.extend(event.logprobs)
-        else:
-            raise_if_error(event)
-            return Result(event.request_id, "".join(text), tuple(ids), event, tuple(logprobs))
-    raise _no_finish()
+        collector.add(event)
+        if collector.done:
+            break
+    if not collector.done:
+        raise _no_finish()
+    result = collector.result()
+    raise_if_failed(result)
+    return result
 
 
 def _no_finish() -> TreadleClientError:

@@ -75,7 +75,9 @@ class GenerationServicer:
 
     def GenerateStream(self, request, context):
         """Generate an answer and stream it: token events as tokens exist, then one
-        event carrying the Finish. Cancelling the call (or its deadline) cancels
+        event carrying the Finish (with n samples, their events interleave, each
+        tagged with its sample's index, and each sample ends with its own Finish;
+        the stream ends after the n-th). Cancelling the call (or its deadline) cancels
         the request and frees its place in the batch within one step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -86,8 +88,9 @@ class GenerationServicer:
         """Many requests multiplexed on one bidirectional stream by client-chosen
         ids. A `cancel` message ends one request; an invalid or failed request
         gets its own Finish (reason ERROR) and the stream goes on; a `generate`
-        whose id is still open gets a `Rejected` event instead (the open request
-        goes on and keeps its single Finish); when the client half-closes, the
+        whose id is still open (until the Finish of its last sample) gets a
+        `Rejected` event instead (the open request goes on and keeps its own
+        Finishes); when the client half-closes, the
         stream ends once its requests have finished. At most
         ModelInfoResponse.max_session_requests requests are in flight per Session
         (the next one finishes at once with RESOURCE_EXHAUSTED). A request whose

@@ -3,6 +3,11 @@
 Gauges that describe the engine's state are read at scrape time; the rest is
 fed from the engine's step observer (on the step thread; prometheus-client
 is thread-safe) and from the frontend's error handling.
+
+Tokens are counted per sample (a request asking for n samples generates all
+of theirs); a request is counted once, however many samples it has: the
+request-level figures (finished requests, prompt tokens, latencies) come from
+the finish of its sample 0, which every request has.
 """
 
 from __future__ import annotations
@@ -138,6 +143,8 @@ class ServerMetrics:
         for gap in stats.inter_token_seconds:
             self.itl.observe(gap)
         for event in stats.finished:
+            if event.index != 0:  # the request is counted at its sample 0's finish
+                continue
             usage = event.usage
             self.finished.labels(reason=event.reason.value).inc()
             self.prompt_tokens.inc(usage.prompt_tokens)

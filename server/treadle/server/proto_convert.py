@@ -87,6 +87,7 @@ def request_from_proto(
         top_logprobs=lp.top,
         processed_logprobs=lp.processed,
         skip_special_tokens=not msg.keep_special_tokens,
+        n=msg.n or 1,
         priority=msg.priority,
         plugins=[_plugin(i, p, limits) for i, p in enumerate(msg.plugins)],
     )
@@ -120,6 +121,7 @@ def chunk_to_proto(event: TokenEvent) -> pb.TokenChunk:
         token_ids=event.token_ids,
         text=event.text,
         logprobs=[logprobs_to_proto(lp) for lp in event.logprobs],
+        index=event.index,
     )
 
 
@@ -140,6 +142,7 @@ def finish_to_proto(event: FinishEvent, error_code: int) -> pb.Finish:
         reason=pb.FinishReason.Value(event.reason.wire_name),
         stop_sequence=event.stop_sequence or "",
         usage=usage_to_proto(event.usage),
+        index=event.index,
     )
     if event.message is not None or event.reason is FinishReason.ERROR:
         finish.error.CopyFrom(pb.Error(code=error_code, message=event.message or ""))

@@ -156,6 +156,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             limits.max_top_logprobs,
             "logprob alternatives allowed per token",
         ),
+        ("--max-samples", int, limits.max_samples, "samples (n) allowed per request"),
         ("--seed", int, None, "sampling seed for requests without their own"),
         ("--log-level", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
     ):

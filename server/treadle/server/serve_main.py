@@ -100,6 +100,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
             max_stop_strings=args.max_stop_strings,
             max_plugins=args.max_plugins,
             max_top_logprobs=args.max_top_logprobs,
+            max_samples=args.max_samples,
         ),
     )
 

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
 
@@ -45,13 +45,12 @@ from .metrics import ServerMetrics
 from .proto_convert import (
     chat_from_proto,
     chunk_to_proto,
-    finish_to_proto,
-    logprobs_to_proto,
     refused_finish,
     rejected,
     request_from_proto,
     wire_field,
 )
+from .samples import SampleFinishes, SampleResults
 from .status_codes import code_number, finish_code, rich_status, status_of
 
 log = logging.getLogger("treadle.service")
@@ -68,35 +67,27 @@ class GenerationService(pb_grpc.GenerationServicer):
     # -- RPCs -------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
         stream, client_id = await self._open(request, context)
-        tokens: list[int] = []
-        text: list[str] = []
-        logprobs: list[pb.TokenLogprob] = []
+        results = SampleResults(stream.samples)
+        finishes = SampleFinishes(self.metrics, stream.samples)
         async with contextlib.aclosing(stream):  # an RPC ending early cancels
-            async for event in stream:
+            async for event in stream:  # ends after the finish of every sample
                 if isinstance(event, TokenEvent):
-                    tokens.extend(event.token_ids)
-                    text.append(event.text)
-                    logprobs.extend(logprobs_to_proto(lp) for lp in event.logprobs)
+                    results.add(event)
                 else:
-                    return pb.GenerateResponse(
-                        request_id=client_id,
-                        token_ids=tokens,
-                        text="".join(text),
-                        logprobs=logprobs,
-                        finish=await self._call_finish(event, context),
-                    )
-        raise AssertionError("a request stream ended without its finish event")
+                    results.finish(event.index, await self._call_finish(event, finishes, context))
+        return results.response(client_id)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateEvent]:
         stream, client_id = await self._open(request, context)
+        finishes = SampleFinishes(self.metrics, stream.samples)
         async with contextlib.aclosing(stream):  # an RPC ending early cancels
-            async for event in stream:
+            async for event in stream:  # ends after the finish of every sample
                 if isinstance(event, TokenEvent):
                     yield pb.GenerateEvent(request_id=client_id, token=chunk_to_proto(event))
                 else:
-                    finish = await self._call_finish(event, context)
+                    finish = await self._call_finish(event, finishes, context)
                     yield pb.GenerateEvent(request_id=client_id, finish=finish)
 
     async def Session(
@@ -121,6 +112,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             plugins=info.plugins,
             has_chat_template=info.has_chat_template,
             max_prompt_chars=info.max_prompt_chars,  # derived when not set
+            max_samples=min(info.limits.max_samples, info.max_batch_rows),  # run at once
             **_reported_limits(info.limits),
         )
 
@@ -182,44 +174,40 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.metrics.count_error(code.name)
         return code, message, field
 
-    async def _call_finish(self, event: FinishEvent, context: Any) -> pb.Finish:
-        """The Finish of a one-request call; a passed deadline or a reader too slow
-        fails the call instead (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED).
+    async def _call_finish(
+        self, event: FinishEvent, finishes: SampleFinishes, context: Any
+    ) -> pb.Finish:
+        """The Finish of a sample of a one-request call; a passed deadline or a reader too
+        slow fails the call instead (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED), at the first
+        sample that ends so (the others end the same way: the whole request was ended).
 
         The engine holds the call's deadline too and may notice it a moment
         before gRPC does: either way the caller sees DEADLINE_EXCEEDED.
         """
-        finish = self.finish_message(event)
+        finish = finishes.message(event)
         code = finish_code(event)
         if code in _FAILS_THE_CALL:
             await context.abort_with_status(rich_status(code, event.message or ""))
         return finish
-
-    def finish_message(self, event: FinishEvent) -> pb.Finish:
-        """The wire Finish of `event`, with the status code of its error or cancellation;
-        counts errors and cancellations by code."""
-        code = finish_code(event)
-        if code is not grpc.StatusCode.OK:
-            self.metrics.count_error(code.name)
-        return finish_to_proto(event, code_number(code))
 
 
 class _Session:
     """One bidirectional Session: many requests on one stream, by client-chosen ids.
 
     Items are handled in arrival order, one at a time (a `cancel` never overtakes
-    the `generate` before it). Each accepted id ends with exactly one Finish; a
-    `generate` whose id is still open gets a `Rejected` event instead. A bad or
-    refused item fails alone: the session reads on.
+    the `generate` before it). Each accepted id ends with exactly one Finish per
+    sample (one when n = 1) and stays open until the last of them; a `generate`
+    whose id is still open gets a `Rejected` event instead. A bad or refused
+    item fails alone: the session reads on.
     """
 
     def __init__(self, service: GenerationService, context: Any) -> None:
         self.service = service
         self.context = context
-        # Events to send, with the stream they came from (None: a refusal); None ends.
-        self.out: asyncio.Queue[tuple[EventStream | None, pb.SessionEvent] | None] = asyncio.Queue()
-        self.open: dict[str, EventStream] = {}  # client id -> stream of a running request
-        # Token events of a stream queued in `out`, until its finish is sent. Keyed by
+        self.out: asyncio.Queue[_Outgoing | None] = asyncio.Queue()  # events to send; None ends
+        # client id -> stream of a running request, until the finish of its last sample
+        self.open: dict[str, EventStream] = {}
+        # Token events of a stream queued in `out`, until its last finish is sent. Keyed by
         # stream, not id: an id may be reused while its old request's events still wait.
         self.unread: dict[EventStream, int] = {}
         self.pumps: set[asyncio.Task[None]] = set()
@@ -230,17 +218,21 @@ class _Session:
         reader = asyncio.ensure_future(self._read(requests))
         try:
             while (item := await self.out.get()) is not None:
-                stream, event = item
-                if stream is not None and event.HasField("token"):
-                    self.unread[stream] -= 1
-                elif stream is not None and event.HasField("finish"):
-                    del self.unread[stream]  # its last event: nothing of it is queued now
-                yield event
+                if item.stream is not None:
+                    self._dequeued(item.stream, item)
+                yield item.event
             await reader  # re-raise what ended the reader, if anything
         finally:
             reader.cancel()
             for stream in self.open.values():
                 stream.cancel()
+
+    def _dequeued(self, stream: EventStream, item: _Outgoing) -> None:
+        """Count `stream`'s event `item` as no longer queued."""
+        if item.event.HasField("token"):
+            self.unread[stream] -= 1
+        elif item.last:
+            del self.unread[stream]  # its last event: nothing of it is queued now
 
     async def _read(self, requests: AsyncIterator[pb.SessionRequest]) -> None:
         try:
@@ -294,34 +286,47 @@ class _Session:
                 client_id = ""
             finish = refused_finish(code_number(code), message, field or "")
             event = pb.SessionEvent(request_id=client_id, finish=finish)
-        self.out.put_nowait((None, event))
+        self.out.put_nowait(_Outgoing(None, event))
 
     async def _pump(self, client_id: str, stream: EventStream) -> None:
+        """Queue `stream`'s events for the client; the id is open until its last finish."""
         limit = stream.max_backlog
+        finishes = SampleFinishes(self.service.metrics, stream.samples)
         try:
-            async for event in stream:
+            async for event in stream:  # ends after the finish of every sample
                 if isinstance(event, TokenEvent):
-                    self.unread[stream] += 1
-                    if self.unread[stream] > limit:  # the client is not reading
-                        self.unread[stream] -= 1  # dropped, not queued
+                    if self.unread[stream] >= limit:  # the client is not reading: dropped
                         stream.cut()
                         continue
-                self.out.put_nowait((stream, self._event(client_id, event)))
+                    self.unread[stream] += 1
+                event_out = self._event(client_id, event, finishes)
+                self.out.put_nowait(_Outgoing(stream, event_out, finishes.ended))
         finally:
             self.open.pop(client_id, None)
 
-    def _event(self, client_id: str, event: Event) -> pb.SessionEvent:
+    @staticmethod
+    def _event(client_id: str, event: Event, finishes: SampleFinishes) -> pb.SessionEvent:
         if isinstance(event, TokenEvent):
             return pb.SessionEvent(request_id=client_id, token=chunk_to_proto(event))
-        return pb.SessionEvent(request_id=client_id, finish=self.service.finish_message(event))
+        return pb.SessionEvent(request_id=client_id, finish=finishes.message(event))
 
 
-# The RequestLimits fields ModelInfoResponse reports under the same name (the others,
-# e.g. max_prompt_chars, which may be unset and is derived, are filled in by hand).
+class _Outgoing(NamedTuple):
+    """An event a Session is to send."""
+
+    stream: EventStream | None  # the stream it came from; None: a refusal
+    event: pb.SessionEvent
+    last: bool = False  # the stream's last event (the finish of its last sample)
+
+
+# The RequestLimits fields ModelInfoResponse reports under the same name (the others are
+# filled in by hand: max_prompt_chars may be unset and is derived; max_samples is capped
+# by the batch, since a request's samples run at once).
+_DERIVED_LIMITS = frozenset({"max_prompt_chars", "max_samples"})
 _MODEL_INFO_LIMITS = tuple(
     f.name
     for f in dataclasses.fields(RequestLimits)
-    if f.name in pb.ModelInfoResponse.DESCRIPTOR.fields_by_name and f.name != "max_prompt_chars"
+    if f.name in pb.ModelInfoResponse.DESCRIPTOR.fields_by_name and f.name not in _DERIVED_LIMITS
 )
 
 
