@@ -59,10 +59,16 @@ class Harness:
         prompt_len: int = 4,
         max_new: int = 100,
         priority: int = 0,
+        prompt_start: int | None = None,
         **stopping: Any,
     ) -> Request:
+        """Queue `rid`, whose worker answers `script`; its prompt is `prompt_len` ids counting
+        up from `prompt_start` (default: a start of its own, so that prompts share no
+        prefix unless a test gives them the same start)."""
+        if prompt_start is None:
+            prompt_start = 100 + 37 * len(self.worker.scripts) % 30_000
         self.worker.scripts[rid] = script
-        prompt = list(range(100, 100 + prompt_len))
+        prompt = list(range(prompt_start, prompt_start + prompt_len))
         req = Request(
             request_id=rid,
             prompt_ids=prompt,
@@ -392,11 +398,11 @@ def test_usage_timings(h: Harness) -> None:
 
 def test_prefix_cache_reuses_the_full_blocks_of_a_shared_prefix(tokenizer: Any) -> None:
     h = Harness(tokenizer, max_batch_rows=2, max_seq_len=64, num_blocks=32, block_size=4)
-    first = h.add("a", [5, 5], prompt_len=10, max_new=2)
+    first = h.add("a", [5, 5], prompt_len=10, max_new=2, prompt_start=100)
     plan = h.step()
     assert plan.prefill[0].start == 0
     a_blocks = list(first.blocks)
-    second = h.add("b", [6, 6], prompt_len=12, max_new=2)  # shares 10 tokens with a
+    second = h.add("b", [6, 6], prompt_len=12, max_new=2, prompt_start=100)  # shares 10 with a
     second.prompt_ids[10:] = [7, 8]
     second.token_ids[10:] = [7, 8]
     plan = h.step()
@@ -414,15 +420,35 @@ def test_prefix_cache_reuses_the_full_blocks_of_a_shared_prefix(tokenizer: Any) 
     assert h.scheduler.pool.num_used == 0  # every block given back; the cached ones stay free
 
 
+def test_a_prefix_ending_inside_a_cached_block_copies_that_block(tokenizer: Any) -> None:
+    h = Harness(tokenizer, max_batch_rows=2, max_seq_len=64, num_blocks=16, block_size=4)
+    a = h.add("a", [5, 5, 5, 5], prompt_len=10, max_new=4, prompt_start=100)
+    while h.scheduler.has_work:
+        h.step()  # a's blocks: 100..103, 104..107, 108 109 5 5 (the last one full at the end)
+    a_blocks = list(h.worker.plans[-1].rows[0].block_table)
+    b = h.add("b", [6], prompt_len=11, max_new=1, prompt_start=100)  # ends 108 109 110
+    plan = h.step()
+    (row,) = plan.rows
+    # two full blocks shared, then a's third block gives 108 and 109: b copies it and
+    # computes from position 10 on
+    assert row.start == 10 and list(row.input_ids) == [110]
+    assert list(row.block_table[:2]) == a_blocks[:2] and row.block_table[2] != a_blocks[2]
+    assert [(c.src, c.dst) for c in plan.copies] == [(a_blocks[2], row.block_table[2])]
+    while h.scheduler.has_work:
+        h.step()
+    assert h.finish("b").usage.cached_prompt_tokens == 10 and h.tokens("b") == [6]
+    assert a.is_finished and b.is_finished and h.scheduler.pool.num_used == 0
+
+
 def test_cached_blocks_survive_their_request_until_the_pool_needs_them(tokenizer: Any) -> None:
     h = Harness(tokenizer, max_batch_rows=4, max_seq_len=64, num_blocks=8, block_size=4)
-    h.add("a", [5], prompt_len=9, max_new=1)
+    h.add("a", [5], prompt_len=9, max_new=1, prompt_start=100)
     h.step()  # a ends at once; its 2 full blocks stay cached
     assert h.scheduler.pool.num_cached == 2
-    h.add("b", [5], prompt_len=9, max_new=1)
+    h.add("b", [5], prompt_len=9, max_new=1, prompt_start=100)
     (row,) = h.step().rows  # one token left to compute: it runs as a decode row
     assert row.start == 8  # a hit after a finished, before any eviction
-    h.add("c", [7], prompt_len=30, max_new=1)  # needs all 8 blocks; shares a's first 8 tokens
+    h.add("c", [7], prompt_len=30, max_new=1, prompt_start=100)  # needs all 8 blocks; shares a's first 8 tokens
     h.add("d", [8], prompt_len=8, max_new=1)  # waits for c, then misses: its blocks were reused
     h.scheduler.get("d").token_ids[:] = h.scheduler.get("d").prompt_ids[:] = [9] * 8  # type: ignore[union-attr]
     while h.scheduler.has_work:

@@ -12,6 +12,14 @@ whose prompt starts with the same blocks takes them (`touch`) instead of
 computing them again. A free cached block keeps its content and stays
 findable until it is reused.
 
+A prefix that ends inside a block is found too (`partial_match`): among the
+cached blocks that follow the request's last cached full block, the one whose
+first tokens agree longest with the request's next tokens. Its KV for those
+positions depends only on the prefix, so the request takes a copy of it (copy
+on write: it will write its own tokens into the rest) and computes only from
+there: a prefix cache at token granularity, like SGLang's radix cache, on
+blocks of any size.
+
 Two free lists: blocks with nothing cached are reused last-freed first (their
 memory is the most recently touched: no page faults, warm caches, and the
 pool's untouched pages stay uncommitted until the load needs them); cached
@@ -27,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 BlockHash = bytes
+_Branch = tuple[BlockHash | None, int]  # (parent block's hash, first token)
 
 
 def block_hash(parent: BlockHash | None, tokens: Sequence[int]) -> BlockHash:
@@ -62,6 +71,10 @@ class BlockPool:
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # least recently freed first
         self._hash_of: dict[int, BlockHash] = {}  # registered blocks, held or free
         self._block_of: dict[BlockHash, int] = {}
+        # registered blocks with their tokens, by (the hash of the block before them (None:
+        # first blocks), their first token): where partial matches are looked for
+        self._children: dict[_Branch, dict[int, tuple[int, ...]]] = {}
+        self._branch_of: dict[int, _Branch] = {}
 
     # -- state -------------------------------------------------------------------
     @property
@@ -134,17 +147,39 @@ class BlockPool:
                 blocks.append(block)
         return blocks
 
-    def register(self, block: int, h: BlockHash) -> None:
-        """Held `block` now holds the full block hashed `h` (a copy already registered
-        wins)."""
+    def partial_match(
+        self, parent: BlockHash | None, tokens: Sequence[int]
+    ) -> tuple[int, int] | None:
+        """The cached block after `parent` (None: a first block) whose tokens begin with
+        the longest run of `tokens`, and that run's length: (block, k) with
+        1 <= k <= len(tokens); None if no cached block begins with tokens[0]."""
+        best: tuple[int, int] | None = None
+        if not self.cache_prefixes or not tokens:
+            return None
+        for block, content in self._children.get((parent, tokens[0]), {}).items():
+            k = _common_prefix(content, tokens)
+            if k and (best is None or k > best[1]):
+                best = (block, k)
+        return best
+
+    def register(
+        self, block: int, h: BlockHash, parent: BlockHash | None, tokens: Sequence[int]
+    ) -> None:
+        """Held `block` now holds the full block hashed `h`: `tokens` after the block hashed
+        `parent` (a copy already registered wins)."""
         if self.cache_prefixes and h not in self._block_of and block not in self._hash_of:
             self._block_of[h] = block
             self._hash_of[block] = h
+            branch = (parent, tokens[0])
+            self._branch_of[block] = branch
+            self._children.setdefault(branch, {})[block] = tuple(tokens)
 
     def clear_cache(self) -> None:
         """Forget every cached block (their content may be wrong after a failed step)."""
         self._hash_of.clear()
         self._block_of.clear()
+        self._children.clear()
+        self._branch_of.clear()
         self._free_plain.extend(self._free_cached)
         self._free_cached.clear()
 
@@ -152,3 +187,18 @@ class BlockPool:
         h = self._hash_of.pop(block, None)
         if h is not None:
             del self._block_of[h]
+            branch = self._branch_of.pop(block)
+            siblings = self._children[branch]
+            del siblings[block]
+            if not siblings:
+                del self._children[branch]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):  # noqa: B905 - lengths differ on purpose
+        if x != y:
+            break
+        n += 1
+    return n

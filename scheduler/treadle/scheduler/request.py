@@ -144,11 +144,12 @@ class Request:
         )
 
     # -- transitions ---------------------------------------------------------
-    def admit(self, now: float, cached_blocks: list[int], block_size: int) -> None:
-        """Start running, its first `len(cached_blocks)` blocks found in the prefix cache."""
+    def admit(self, now: float, blocks: list[int], computed: int) -> None:
+        """Start running with `blocks` holding the KV of its first `computed` tokens, found
+        in the prefix cache."""
         self.status = RequestStatus.RUNNING
-        self.blocks = list(cached_blocks)
-        self.num_computed = len(cached_blocks) * block_size
+        self.blocks = list(blocks)
+        self.num_computed = computed
         if self.admitted_at is None:  # first admission (not a resumption)
             self.admitted_at = now
             self.cached_len = min(self.num_computed, self.prompt_len)

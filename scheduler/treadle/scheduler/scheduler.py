@@ -22,8 +22,9 @@ blocks as its tokens arrive. Each step has a token budget.
      is left of the budget, in rank order;
   4. waiting requests are admitted in queue order while a row
      (`max_batch_rows`) and budget remain. An admitted request first takes
-     every cached full block of its prompt (prefix cache) and computes only
-     the rest, in chunks. A request with a higher priority than the last
+     every cached full block of its prompt (prefix cache), then a copy of the
+     cached block that continues its prompt furthest (a hit ending
+     mid-block), and computes only the rest, in chunks. A request with a higher priority than the last
      running one preempts it when rows or blocks are short.
   A request asking for n samples is admitted as its sample 0 (the leader)
   with rows for all n. The leader computes the prompt but its last token;
@@ -427,18 +428,33 @@ class Scheduler:
             return None
         if self._rows_taken() + 1 + len(req.followers) > self.config.max_batch_rows:
             return 0 if self._preempt_for(req, plan) else None
+        bs = self.config.block_size
         cached = self._cached_blocks(req)
-        after_hit = len(req.token_ids) - len(cached) * self.config.block_size
+        partial = self._partial_hit(req, len(cached))  # (cached block, tokens it gives)
+        hit = len(cached) * bs + (partial[1] if partial else 0)
         reusable_free = sum(1 for b in cached if self.pool.is_free(b))
         free = self.pool.num_free - reusable_free
-        fit = min(n, after_hit, free * self.config.block_size)
+        fit = min(n, len(req.token_ids) - hit, free * bs - hit % bs)
         if fit <= 0:
             return 0 if self._preempt_for(req, plan) else None
         self.waiting.pop()
         self.pool.touch(cached)
-        req.admit(now, cached, self.config.block_size)
+        blocks = list(cached)
+        if partial:  # copy on write: the block's first tokens are ours, the rest we write
+            blocks += self.pool.allocate(1)
+            plan.copies.append(BlockCopy(src=partial[0], dst=blocks[-1]))
+        req.admit(now, blocks, hit)
         self.running.append(req)
         return self._run(req, fit, plan)
+
+    def _partial_hit(self, req: Request, full: int) -> tuple[int, int] | None:
+        """A cached block whose first tokens continue `req`'s `full` cached blocks, and how
+        many of them `req` can take (always leaving a token to feed); None if none."""
+        bs = self.config.block_size
+        start = full * bs
+        tokens = req.token_ids[start : min(start + bs - 1, len(req.token_ids) - 1)]
+        parent = req.block_hashes[full - 1] if full else None
+        return self.pool.partial_match(parent, tokens)
 
     def _cached_blocks(self, req: Request) -> list[int]:
         """The cached blocks `req` can start from: full blocks of its known tokens, always
@@ -464,8 +480,11 @@ class Scheduler:
         full = req.num_computed // self.config.block_size
         if self.pool.cache_prefixes and full > first:
             self._hash_blocks(req, full)
+            bs = self.config.block_size
             for i in range(first, full):
-                self.pool.register(req.blocks[i], req.block_hashes[i])
+                parent = req.block_hashes[i - 1] if i else None
+                tokens = req.token_ids[i * bs : (i + 1) * bs]
+                self.pool.register(req.blocks[i], req.block_hashes[i], parent, tokens)
 
     def _preempt_for(self, req: Request, plan: StepPlan) -> bool:
         """Preempt the last running request for waiting `req` if `req` outranks it in
