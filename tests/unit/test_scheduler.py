@@ -448,7 +448,8 @@ def test_cached_blocks_survive_their_request_until_the_pool_needs_them(tokenizer
     h.add("b", [5], prompt_len=9, max_new=1, prompt_start=100)
     (row,) = h.step().rows  # one token left to compute: it runs as a decode row
     assert row.start == 8  # a hit after a finished, before any eviction
-    h.add("c", [7], prompt_len=30, max_new=1, prompt_start=100)  # needs all 8 blocks; shares a's first 8 tokens
+    # c needs all 8 blocks and shares a's first 8 tokens
+    h.add("c", [7], prompt_len=30, max_new=1, prompt_start=100)
     h.add("d", [8], prompt_len=8, max_new=1)  # waits for c, then misses: its blocks were reused
     h.scheduler.get("d").token_ids[:] = h.scheduler.get("d").prompt_ids[:] = [9] * 8  # type: ignore[union-attr]
     while h.scheduler.has_work:

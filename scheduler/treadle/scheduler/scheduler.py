@@ -24,8 +24,9 @@ blocks as its tokens arrive. Each step has a token budget.
      (`max_batch_rows`) and budget remain. An admitted request first takes
      every cached full block of its prompt (prefix cache), then a copy of the
      cached block that continues its prompt furthest (a hit ending
-     mid-block), and computes only the rest, in chunks. A request with a higher priority than the last
-     running one preempts it when rows or blocks are short.
+     mid-block), and computes only the rest, in chunks. A request with a
+     higher priority than the last running one preempts it when rows or
+     blocks are short.
   A request asking for n samples is admitted as its sample 0 (the leader)
   with rows for all n. The leader computes the prompt but its last token;
   then its other samples fork from it: they share its full blocks (reference
