@@ -11,10 +11,12 @@ DEFAULT_PRIORITY_STEP = 10.0  # seconds of waiting one priority step is worth (a
 
 def default_step_token_budget(device_type: str) -> int:
     """Tokens per step when not configured. A step's cost grows with its tokens and the
-    decoding streams wait for the whole step: on a CPU a 128-token step keeps their
-    worst gap within about 3x their median while a long prompt is prefilled (bench/w3.py);
-    a GPU runs 2048 tokens in about the time of one decode step."""
-    return 2048 if device_type == "cuda" else 128
+    decoding streams wait for the whole step: on a 2-core CPU, 96-token steps keep 16
+    streams' worst gap at 2.7x their median while a 1,900-token prompt is prefilled, and
+    that prompt's first token 1.7x later than in one whole step (bench/w3.py; 128 tokens:
+    3.8x and 1.5x; 80 tokens: 2.4x and 2.0x). A GPU runs 2048 tokens in about the time
+    of one decode step."""
+    return 2048 if device_type == "cuda" else 96
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes of KV pool; None: 1 GiB on CPU, a share on CUDA
     block_size: int = 16  # positions per KV block
     step_token_budget: int | None = None  # tokens fed per step: decodes first, then prompt
-    #                                        chunks; None: 128 on CPU, 2048 on CUDA
+    #                                        chunks; None: 96 on CPU, 2048 on CUDA
     prefix_cache: bool = True  # reuse the KV of cached full blocks of earlier prompts
     max_waiting: int = 1024  # queued requests beyond which submit raises QueueFullError
     seed: int | None = None  # sampling seed for requests without their own
