@@ -18,7 +18,7 @@ from .cli import params_from_args
 from .connection import TlsConfig
 from .convert import Prompt
 from .errors import TreadleClientError, Unauthenticated
-from .results import Finish, TokenChunk
+from .results import Finish, Result, TokenChunk
 from .streams import raise_if_error
 from .sync_client import Client
 
@@ -52,7 +52,7 @@ def generate(args: argparse.Namespace) -> int:
             params = params_from_args(args)
             if args.json:
                 result = client.generate(prompt, params=params)
-                print(json.dumps(dataclasses.asdict(result), default=_plain, indent=2))
+                print(json.dumps(_result_json(result), default=_plain, indent=2))
                 return 0
             if params.n > 1:
                 _print_samples(_gather_samples(client, prompt, params))
@@ -218,6 +218,17 @@ def _print_logprobs(logprobs: list[tuple[str, TokenLogprob]]) -> None:
         top = "  ".join(f"{token}:{value:.4f}" for token, value in lp.top)
         line = f"{lp.token_id:>7} {text!r:<16} {lp.logprob:9.4f}"
         print(line + (f"  top {top}" if top else ""), file=sys.stderr)
+
+
+def _result_json(result: Result) -> dict[str, Any]:
+    """The --json document: sample 0's fields at the top, then every sample."""
+    first = dataclasses.asdict(result.samples[0])
+    del first["index"]
+    return {
+        "request_id": result.request_id,
+        **first,
+        "samples": [dataclasses.asdict(s) for s in result.samples],
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -62,24 +62,33 @@ class SampleResult:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """A whole generation: the text, tokens and finish are sample 0's, so code for one
-    sample reads them as they are; `samples` holds every sample in index order (one
-    when n = 1, that same sample 0)."""
+    """A whole generation: `samples` holds every sample in index order (one when n = 1);
+    the text, tokens, logprobs and finish are sample 0's, so code for one sample reads
+    them as they are."""
 
     request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish: Finish
-    logprobs: tuple[TokenLogprob, ...] = ()
-    samples: tuple[SampleResult, ...] = ()
+    samples: tuple[SampleResult, ...]  # at least one
 
     @classmethod
     def of(cls, request_id: str, samples: Sequence[SampleResult]) -> Result:
         """The Result of a request's samples (index order; at least one)."""
-        first = samples[0]
-        return cls(
-            request_id, first.text, first.token_ids, first.finish, first.logprobs, tuple(samples)
-        )
+        return cls(request_id, tuple(samples))
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.samples[0].token_ids
+
+    @property
+    def finish(self) -> Finish:
+        return self.samples[0].finish
+
+    @property
+    def logprobs(self) -> tuple[TokenLogprob, ...]:
+        return self.samples[0].logprobs
 
     @property
     def reason(self) -> FinishReason:

@@ -25,23 +25,31 @@ class StepBatch:
 
     def seen(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(local row `[T]`, token id `[T]`): every distinct token of prompt + generated."""
-        parts = [self.rows[i].history.seen_ids() for i in idx]
-        return self._flatten(parts, parts)
+        row, (tokens,) = self._flatten([(self.rows[i].history.seen_ids(),) for i in idx])
+        return row, tokens
 
     def generated_counts(
         self, idx: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(local row `[T]`, token id `[T]`, count `[T]`): every distinct generated token."""
-        pairs = [self.rows[i].history.generated_counts() for i in idx]
-        ids = [p[0] for p in pairs]
-        row, tokens = self._flatten(ids, ids)
-        _, counts = self._flatten(ids, [p[1] for p in pairs])
+        row, (tokens, counts) = self._flatten(
+            [self.rows[i].history.generated_counts() for i in idx]
+        )
         return row, tokens, counts
 
     def _flatten(
-        self, shape: list[np.ndarray], values: list[np.ndarray]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        lens = np.fromiter((len(a) for a in shape), dtype=np.int64, count=len(shape))
-        row = np.repeat(np.arange(len(shape), dtype=np.int64), lens)  # [T]
-        flat = np.concatenate(values) if values else np.empty(0, dtype=np.int64)  # [T]
-        return torch.from_numpy(row).to(self._device), torch.from_numpy(flat).to(self._device)
+        self, parts: list[tuple[np.ndarray, ...]]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each row's parallel arrays (`parts[r]`, equal lengths) concatenated over the rows:
+        the local row of every entry `[T]`, and one `[T]` tensor per array."""
+        lens = np.fromiter((len(p[0]) for p in parts), dtype=np.int64, count=len(parts))
+        row = np.repeat(np.arange(len(parts), dtype=np.int64), lens)  # [T]
+        width = len(parts[0]) if parts else 1
+        columns = [
+            np.concatenate([p[k] for p in parts]) if parts else np.empty(0, dtype=np.int64)
+            for k in range(width)
+        ]  # each [T]
+        return self._tensor(row), [self._tensor(c) for c in columns]
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self._device)

@@ -33,6 +33,8 @@ def apply_no_repeat_ngram(
     tokens = np.fromiter(chain.from_iterable(bans), dtype=np.int64, count=total)  # [B]
     rows = np.repeat(np.asarray(idx, dtype=np.int64), lens)  # [B] rows of `scores`
     keep = tokens < scores.shape[1]  # ids past the score width cannot be generated anyway
-    at = (torch.from_numpy(rows[keep]), torch.from_numpy(tokens[keep]))
-    scores[at[0].to(scores.device), at[1].to(scores.device)] = NEG_INF
+    scores[
+        torch.from_numpy(rows[keep]).to(scores.device),
+        torch.from_numpy(tokens[keep]).to(scores.device),
+    ] = NEG_INF
     return scores
