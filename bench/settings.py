@@ -24,6 +24,7 @@ class W1Settings:
     # (35-55 tokens) a step, about what the old 512-token prefill budget admitted.
     step_token_budget: int = 512
     kv_cache_memory: int | None = None  # bytes of KV pool; None: the engine's default
+    decode_lanes_memory: int | None = None  # bytes of decode lanes; None: the engine's default
     prefix_cache: bool = True
     # peers
     single_requests: int = 16  # generate_single runs the first N requests
@@ -45,6 +46,7 @@ class W1Settings:
             max_batch_rows=self.max_batch_rows,
             max_seq_len=self.max_seq_len,
             kv_cache_memory=self.kv_cache_memory,
+            decode_lanes_memory=self.decode_lanes_memory,
             step_token_budget=self.step_token_budget,
             prefix_cache=self.prefix_cache,
         )

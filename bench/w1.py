@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"runs to leave out: {', '.join(RUN_KEYS)}",
     )
     ap.add_argument(
+        "--decode-lanes-memory",
+        type=int,
+        default=d.decode_lanes_memory,
+        help="engine: bytes of decode lanes, 0 = none; None: the engine's default (384 MiB on CPU)",
+    )
+    ap.add_argument(
         "--single-requests", type=int, default=d.single_requests, help="generate_single's first N"
     )
     ap.add_argument(
@@ -147,6 +153,7 @@ def settings_from(args: argparse.Namespace) -> W1Settings:
         max_seq_len=args.max_seq_len,
         step_token_budget=args.step_token_budget,
         kv_cache_memory=args.kv_cache_memory,
+        decode_lanes_memory=args.decode_lanes_memory,
         prefix_cache=args.prefix_cache,
         single_requests=args.single_requests,
         static_batch=args.static_batch,

@@ -272,8 +272,10 @@ def test_config_sets_only_settings_the_server_reads(
     assert args.grace_period == float(config["TREADLE_GRACE_PERIOD"])
     if overlay == "cpu":
         assert args.kv_cache_memory == int(config["TREADLE_KV_CACHE_MEMORY"])
-    else:  # empty: the server's CUDA default (a share of the GPU's free memory), not the base's
+        assert args.decode_lanes_memory == int(config["TREADLE_DECODE_LANES_MEMORY"])
+    else:  # empty: the server's CUDA defaults (a share of the GPU's free memory; no lanes)
         assert config["TREADLE_KV_CACHE_MEMORY"] == "" and args.kv_cache_memory is None
+        assert config["TREADLE_DECODE_LANES_MEMORY"] == "" and args.decode_lanes_memory is None
 
 
 @pytest.mark.parametrize(
@@ -300,7 +302,9 @@ def test_kv_cache_arithmetic_holds_for_the_default_model(
         weights = sum(f.stat().st_size for f in smol_dir.glob("*.safetensors"))
         resources = server_container(rendered(overlay))["resources"]
         request = _bytes(resources["requests"]["memory"])
-        assert request >= kv + weights + 2**30  # + Python, torch and activations
+        lanes = int(config["TREADLE_DECODE_LANES_MEMORY"])
+        assert f"{lanes:,} B = {lanes / 2**30:.3f} GiB" in stated
+        assert request >= kv + lanes + weights + 2**30  # + Python, torch and activations
         assert _bytes(resources["limits"]["memory"]) >= request
     else:  # the pool lives in GPU memory, sized by the server from what is free
         assert config["TREADLE_KV_CACHE_MEMORY"] == ""

@@ -72,6 +72,7 @@ class Engine:
                 max_batch_rows=config.max_batch_rows,
                 max_seq_len=config.max_seq_len,
                 kv_cache_memory=config.kv_cache_memory,
+                decode_lanes_memory=config.decode_lanes_memory,
                 block_size=config.block_size,
                 seed=config.seed,
             ),

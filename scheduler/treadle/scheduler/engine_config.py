@@ -28,6 +28,8 @@ class EngineConfig:
     max_batch_rows: int = 64  # sequences running at once
     max_seq_len: int | None = None  # positions one request may hold; None: the model's context
     kv_cache_memory: int | None = None  # bytes of KV pool; None: 1 GiB on CPU, a share on CUDA
+    decode_lanes_memory: int | None = None  # bytes of decode lanes (contiguous copies of the
+    #                                         decoding rows' KV); None: 384 MiB on CPU, 0 on CUDA
     block_size: int = 16  # positions per KV block
     step_token_budget: int | None = None  # tokens fed per step: decodes first, then prompt
     #                                        chunks; None: 96 on CPU, 2048 on CUDA

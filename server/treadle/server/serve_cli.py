@@ -81,6 +81,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             "bytes of KV cache pool (default: 1 GiB on CPU; on CUDA 85%% of the memory left "
             "free by the model)",
         ),
+        (
+            "--decode-lanes-memory",
+            int,
+            None,
+            "bytes of decode lanes: a contiguous copy of each decoding request's KV, so a "
+            "decode step reads it without gathering its blocks; 0 = none (default: 384 MiB "
+            "on CPU, 0 on CUDA)",
+        ),
         ("--block-size", int, defaults.block_size, "positions per KV block"),
         (
             "--step-token-budget",

@@ -89,6 +89,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_batch_rows=args.max_batch_rows,
         max_seq_len=args.max_seq_len,
         kv_cache_memory=args.kv_cache_memory,
+        decode_lanes_memory=args.decode_lanes_memory,
         block_size=args.block_size,
         step_token_budget=args.step_token_budget,
         prefix_cache=args.prefix_cache,

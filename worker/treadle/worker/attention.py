@@ -8,7 +8,9 @@ function in place of its own attention with the packed query/key/value and
 our `PagedLayout` (passed through the model's `**kwargs` as `treadle_layout`).
 The function writes the new keys/values into their blocks, then attends:
 
-- decode tokens in a few batches of rows of similar length (`DecodeGroup`):
+- decode tokens of rows that hold a decode lane (`decode_lanes.py`) in one
+  batch over the lanes' strided view, nothing gathered;
+- the other decode tokens in a few batches of rows of similar length (`DecodeGroup`):
   query `[g, KVH, rep, Dh]` (grouped heads folded into the query length)
   against each row's blocks gathered into `[g, KVH, K, Dh]` (K: the group's
   longest row; shorter rows padded and masked). Grouping bounds the padding
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .decode_lanes import DecodeLanes, LaneGroup
 from .kv_cache import PagedKVCache
 from .plan import RowInput
 
@@ -85,6 +88,8 @@ class PagedLayout:
     positions: torch.Tensor  # [T] long: position of each packed token in its sequence
     write_index: torch.Tensor  # [KVH * T] long: pool rows the step's keys/values go to
     num_decode: int  # D: packed tokens 0..D-1 are the decode rows' tokens
+    lanes: DecodeLanes | None = None
+    lane_group: LaneGroup | None = None  # decode rows read from lanes; with the groups,
     decode_groups: list[DecodeGroup] = field(default_factory=list)  # they cover 0..D-1
     chunks: list[Chunk] = field(default_factory=list)
 
@@ -95,8 +100,13 @@ class PagedLayout:
         decode: Sequence[RowInput],
         prefill: Sequence[RowInput],
         device: torch.device,
+        lanes: DecodeLanes | None = None,
     ) -> PagedLayout:
-        """Layout for the decode rows (one token each), then the prefill rows' chunks."""
+        """Layout for the decode rows (one token each), then the prefill rows' chunks.
+
+        With `lanes`, decode rows that get a lane read from it (`DecodeLanes.plan`,
+        which records the lanes' new lengths: reset them if the step fails).
+        """
         bs = cache.block_size
         positions: list[int] = []
         slots: list[int] = []
@@ -104,7 +114,10 @@ class PagedLayout:
             span = range(r.start, r.start + len(r.input_ids))
             positions.extend(span)
             slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
-        groups = [_decode_group(cache, decode, g, device) for g in _group_rows(decode)]
+        lane_group = lanes.plan(cache, decode, device) if lanes is not None else None
+        in_lanes = set(lane_group.rows.tolist()) if lane_group is not None else set()
+        gathered = [i for i in range(len(decode)) if i not in in_lanes]
+        groups = [_decode_group(cache, decode, g, device) for g in _group_rows(decode, gathered)]
         chunks: list[Chunk] = []
         offset = len(decode)
         for r in prefill:
@@ -115,6 +128,8 @@ class PagedLayout:
             positions=torch.tensor(positions, device=device),  # [T]
             write_index=cache.write_index(torch.tensor(slots, device=device)),  # [KVH * T]
             num_decode=len(decode),
+            lanes=lanes if lane_group is not None else None,
+            lane_group=lane_group,
             decode_groups=groups,
             chunks=chunks,
         )
@@ -124,9 +139,9 @@ def _blocks_for(positions: int, block_size: int) -> int:
     return -(-positions // block_size)
 
 
-def _group_rows(decode: Sequence[RowInput]) -> list[list[int]]:
-    """The decode rows (indices) in groups of similar length, the longest rows' first."""
-    order = sorted(range(len(decode)), key=lambda i: decode[i].start, reverse=True)
+def _group_rows(decode: Sequence[RowInput], rows: list[int]) -> list[list[int]]:
+    """Decode rows `rows` (indices) in groups of similar length, the longest rows' first."""
+    order = sorted(rows, key=lambda i: decode[i].start, reverse=True)
     groups: list[list[int]] = []
     for i in order:
         longest = decode[groups[-1][0]].start + 1 if groups else 0
@@ -136,7 +151,7 @@ def _group_rows(decode: Sequence[RowInput]) -> list[list[int]]:
             groups[-1].append(i)
         else:
             groups.append([i])
-    return [sorted(g) for g in groups]  # in row order: one group is rows 0..D-1 as they are
+    return [sorted(g) for g in groups]  # in row order: one group of all rows needs no reorder
 
 
 def _decode_group(
@@ -197,6 +212,8 @@ def paged_attention(
     if layer is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx: cannot place its KV")
     layout.cache.write(layer, layout.write_index, key[0], value[0])
+    if layout.lanes is not None and layout.lane_group is not None:
+        _write_lanes(layout.lanes, layout.lane_group, layout.cache, layer, key[0], value[0])
     q = query[0]  # [H, T, Dh]
     outputs: list[torch.Tensor] = []
     if layout.num_decode:
@@ -205,6 +222,21 @@ def paged_attention(
         outputs.append(_attend_chunk(layout, layer, c, q, key, value, scaling))  # [n, H, Dh]
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # [T, H, Dh]
     return merged.unsqueeze(0), None
+
+
+def _write_lanes(
+    lanes: DecodeLanes,
+    group: LaneGroup,
+    cache: PagedKVCache,
+    layer: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> None:
+    """Fill the lanes new this step from the pool, then append the lane rows' new KV;
+    keys/values: the step's `[KVH, T, Dh]` (decode rows first)."""
+    if group.fill is not None:
+        lanes.fill(layer, cache, group.fill)
+    lanes.write(layer, group, keys[:, group.rows], values[:, group.rows])  # [KVH, m, Dh]
 
 
 def _attend_decode(
@@ -216,12 +248,33 @@ def _attend_decode(
     kv_heads = layout.cache.shape.kv_heads
     # Grouped heads share their KV head: fold the group into the query length.
     q_dec = q[:, :d].transpose(0, 1).reshape(d, kv_heads, heads // kv_heads, head_dim)
-    if len(layout.decode_groups) == 1:  # one batch in row order: no reordering
+    lane_group = layout.lane_group
+    if lane_group is None and len(layout.decode_groups) == 1:  # one batch in row order
         return _attend_group(layout, layer, layout.decode_groups[0], q_dec, scaling)
     out = q.new_empty(d, heads, head_dim)  # [D, H, Dh]
+    if layout.lanes is not None and lane_group is not None:
+        out[lane_group.rows] = _attend_lanes(layout.lanes, lane_group, layer, q_dec, scaling)
     for group in layout.decode_groups:
         out[group.rows] = _attend_group(layout, layer, group, q_dec[group.rows], scaling)
     return out
+
+
+def _attend_lanes(
+    lanes: DecodeLanes,
+    group: LaneGroup,
+    layer: int,
+    q_dec: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """The lane rows over the lanes' view; q_dec: every decode row's `[D, KVH, rep, Dh]`.
+    Returns `[m, H, Dh]` for `group.rows`. Idle lanes among 0..w-1 get a zero query."""
+    keys, values = lanes.view(layer, group)  # [w, KVH, K, Dh]
+    q = q_dec.new_zeros(group.width, *q_dec.shape[1:])  # [w, KVH, rep, Dh]
+    q[group.lanes] = q_dec[group.rows]
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=group.mask, scale=scaling
+    )  # [w, KVH, rep, Dh]
+    return out[group.lanes].reshape(int(group.rows.numel()), -1, q_dec.shape[-1])  # [m, H, Dh]
 
 
 def _attend_group(

@@ -75,8 +75,8 @@ class PagedKVCache:
     def __init__(self, shape: KVShape, dtype: torch.dtype, device: torch.device) -> None:
         self.shape = shape
         dims = (shape.layers, shape.num_blocks, shape.kv_heads, shape.block_size, shape.head_dim)
-        self.keys = _zeros(dims, dtype, device)  # [L, NB, KVH, bs, Dh]
-        self.values = _zeros(dims, dtype, device)  # [L, NB, KVH, bs, Dh]
+        self.keys = zeroed(dims, dtype, device)  # [L, NB, KVH, bs, Dh]
+        self.values = zeroed(dims, dtype, device)  # [L, NB, KVH, bs, Dh]
         self._scratch = [_empty(0, dtype, device), _empty(0, dtype, device)]  # flat, grow-only
 
     @property
@@ -145,7 +145,7 @@ def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.empty(numel, dtype=dtype, device=device)
 
 
-def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def zeroed(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled buffer, written once, so its memory is committed at start: the server's
     footprint is known from the first step (an over-large pool fails at start, not under
     load) and stays flat. Zeros matter too: positions past a row's length are masked in

@@ -6,6 +6,7 @@ import torch
 
 from . import attention
 from .attention import PagedLayout
+from .decode_lanes import DecodeLanes
 from .kv_cache import PagedKVCache
 from .loader import LoadedModel
 from .plan import StepPlan
@@ -18,9 +19,12 @@ class ModelRunner:
     runner is built; after that it only runs inside treadle steps.
     """
 
-    def __init__(self, loaded: LoadedModel, cache: PagedKVCache) -> None:
+    def __init__(
+        self, loaded: LoadedModel, cache: PagedKVCache, lanes: DecodeLanes | None = None
+    ) -> None:
         self.model = loaded.model
         self.cache = cache
+        self.lanes = lanes
         self.device = loaded.device
         attention.install(self.model)
 
@@ -30,11 +34,20 @@ class ModelRunner:
 
         Applies `plan.copies` to the pool first. The packed sequence is the
         decode rows' tokens, then each prefill chunk; every token's KV is
-        written to its row's blocks. Only the last token of each row that
-        samples goes through the LM head (N may be 0: the KV is still written).
+        written to its row's blocks (and to its decode lane, if it has one).
+        Only the last token of each row that samples goes through the LM head
+        (N may be 0: the KV is still written). A failed step drops every lane.
         """
+        try:
+            return self._forward(plan)
+        except BaseException:
+            if self.lanes is not None:  # what the lanes hold is unknown now
+                self.lanes.reset()
+            raise
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
         self.cache.copy(plan.copies)
-        layout = PagedLayout.build(self.cache, plan.decode, plan.prefill, self.device)
+        layout = PagedLayout.build(self.cache, plan.decode, plan.prefill, self.device, self.lanes)
         input_ids: list[int] = []
         keep: list[int] = []  # index in the packed sequence of each sampling row's last token
         for r in plan.rows:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .decode_lanes import DecodeLanes
 from .kv_cache import KVShape, PagedKVCache
 from .loader import LoadedModel
 from .model_runner import ModelRunner
@@ -19,6 +20,7 @@ from .sampling import Sampler
 log = logging.getLogger("treadle.worker")
 
 CPU_KV_CACHE_MEMORY = 2**30  # bytes of KV pool on the CPU when not configured
+CPU_DECODE_LANES_MEMORY = 384 * 2**20  # bytes of decode lanes on the CPU when not configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,9 @@ class WorkerConfig:
     #                                     `kv_cache_fraction` of the memory the model leaves free,
     #                                     at most what max_batch_rows full sequences hold
     kv_cache_fraction: float = 0.85  # share of free device memory for the pool (CUDA default)
+    decode_lanes_memory: int | None = None  # bytes of decode lanes (one per batch row, see
+    #                                         decode_lanes.py); 0: none; None: 384 MiB on the
+    #                                         CPU, none on CUDA (measured on the CPU only)
     num_blocks: int | None = None  # blocks in the pool, overriding the memory budget (tests)
     seed: int | None = None  # seeds sampling of requests without their own seed
 
@@ -70,6 +75,18 @@ class WorkerConfig:
             )
         return replace(one, num_blocks=blocks)
 
+    def lane_len(self, loaded: LoadedModel, shape: KVShape) -> int:
+        """Positions per decode lane: what the lanes' memory gives each of max_batch_rows
+        lanes, in whole blocks, at most `seq_len_for`; 0 when that is under one block."""
+        budget = self.decode_lanes_memory
+        if budget is None:
+            budget = CPU_DECODE_LANES_MEMORY if loaded.device.type == "cpu" else 0
+        if budget < 0:
+            raise ValueError(f"decode_lanes_memory must be >= 0, got {budget}")
+        per_lane = budget // (self.max_batch_rows * shape.bytes_per_token(loaded.dtype))
+        positions = min(per_lane, self.seq_len_for(loaded))
+        return positions - positions % shape.block_size
+
     def _default_memory(self, device: torch.device) -> int:
         if device.type != "cuda":
             return CPU_KV_CACHE_MEMORY
@@ -106,7 +123,17 @@ class Worker:
             loaded.dtype,
             shape.bytes_per_token(loaded.dtype),
         )
-        self.runner = ModelRunner(loaded, self.cache)
+        lane_len = config.lane_len(loaded, shape)
+        lanes = None
+        if lane_len > 0:
+            lanes = DecodeLanes(shape, config.max_batch_rows, lane_len, loaded.dtype, loaded.device)
+            log.info(
+                "decode lanes: %d x %d positions, %.2f GiB",
+                lanes.lanes,
+                lane_len,
+                lanes.nbytes / 2**30,
+            )
+        self.runner = ModelRunner(loaded, self.cache, lanes)
         self.pipeline = LogitsPipeline(loaded.vocab_size)
         self.sampler = Sampler(config.seed)
 
