@@ -3,7 +3,8 @@
 A decode row's keys and values are spread over pool blocks; attending over
 them means gathering the blocks into one contiguous tensor, in every layer,
 every step: a copy of the row's whole context for one new token. On the CPU
-that copy is about a twelfth of a W1 step (bench/results/w1-lanes-*).
+lanes make a W1-like step 3% shorter (bench/decode_lanes.py: 265.6 against
+276.8 ms at 50 rows, bench/results/decode-lanes-20261130.txt).
 
 A lane is a fixed slot of `lane_len` positions in two buffers of shape
 `[layers, lanes, kv_heads, lane_len, head_dim]`. A sequence that decodes gets
