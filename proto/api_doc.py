@@ -50,9 +50,11 @@ def parse(text: str) -> tuple[str, list[Block]]:
         seen_code = True
         doc, comment = " ".join(comment), []
         if m := _BLOCK.match(line):
-            block = Block(m.group(1), m.group(2), doc)
+            name = f"{stack[-1].name}.{m.group(2)}" if stack else m.group(2)  # Outer.Inner
+            block = Block(m.group(1), name, doc)
             blocks.append(block)
-            stack.append(block)
+            if not line.endswith("}"):  # `message Empty {}` opens and closes on one line
+                stack.append(block)
         elif m := _ONEOF.match(line):
             oneof = m.group(1)
         elif line == "}":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from .limits import RequestLimits
-from .params import GenerationParams
+from .params import RESPONSE_FORMAT_TYPES, GenerationParams, ResponseFormat
 
 MAX_SEED = 2**63 - 1
 
@@ -56,8 +56,31 @@ def check_params(p: GenerationParams, limits: RequestLimits | None = None) -> No
             raise ParameterError(f"bad_words[{i}]", "must not be empty")
     check_count("top_logprobs", p.top_logprobs, 0, 2**31)
     check_count("n", p.n, 1, 2**31)
+    if p.response_format is not None:
+        check_response_format(p.response_format)
+        if p.ignore_eos:
+            raise ParameterError(
+                "response_format", "cannot be combined with ignore_eos (the format ends the output)"
+            )
     if limits is not None:
         check_limits(p, limits)
+
+
+def check_response_format(f: ResponseFormat) -> None:
+    """The format's shape (its content is the server's to compile)."""
+    if f.type not in RESPONSE_FORMAT_TYPES:
+        raise ParameterError(
+            "response_format", f"type {f.type!r} is not one of {', '.join(RESPONSE_FORMAT_TYPES)}"
+        )
+    if f.type == "choice":
+        if not f.choices or any(not c for c in f.choices):
+            raise ParameterError("response_format", "choice needs non-empty choices")
+    elif f.choices:
+        raise ParameterError("response_format", f"choices are for type choice, not {f.type}")
+    if f.type in ("json_schema", "regex", "grammar") and not f.value:
+        raise ParameterError("response_format", f"{f.type} needs a value")
+    if f.type in ("json_object", "choice") and f.value:
+        raise ParameterError("response_format", f"{f.type} takes no value")
 
 
 def check_limits(p: GenerationParams, lim: RequestLimits) -> None:
@@ -78,6 +101,14 @@ def check_limits(p: GenerationParams, lim: RequestLimits) -> None:
     _check_most("logit_bias", len(p.logit_bias), lim.max_logit_bias, "entries")
     _check_most("allowed_token_ids", len(p.allowed_token_ids), lim.max_allowed_token_ids, "ids")
     check_count("top_logprobs", p.top_logprobs, 0, lim.max_top_logprobs)
+    if p.response_format is not None:
+        f = p.response_format
+        size = len(f.value.encode()) + sum(len(c.encode()) for c in f.choices)
+        if size > lim.max_response_format_bytes:
+            raise ParameterError(
+                "response_format", f"is {size} bytes; the limit is {lim.max_response_format_bytes}"
+            )
+        _check_most("response_format", len(f.choices), lim.max_response_format_choices, "choices")
     check_count("n", p.n, 1, lim.max_samples)
     _check_most("plugins", len(p.plugins), lim.max_plugins, "plugins")
 

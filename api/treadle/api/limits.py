@@ -29,6 +29,9 @@ class RequestLimits:
     max_plugin_args_depth: int = 32  # nesting of arrays and objects in args_json
     max_top_logprobs: int = 20
     max_samples: int = 16  # n: samples of one prompt
+    max_response_format_bytes: int = 65536  # schema, regex or grammar (or all choices), UTF-8
+    max_response_format_choices: int = 1024  # entries of a choice format
+    response_format_compile_seconds: float = 10.0  # a grammar taking longer is refused
     max_request_id_bytes: int = 256  # UTF-8 bytes; the id is echoed in every event
     max_prompt_chars: int | None = None  # prompt or chat characters; None: derived (below)
     max_chat_messages: int = 1024

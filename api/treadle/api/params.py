@@ -24,6 +24,27 @@ class PluginRequest:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+RESPONSE_FORMAT_TYPES = ("json_schema", "json_object", "regex", "grammar", "choice")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """What the output must be (constrained decoding); `type` is one of RESPONSE_FORMAT_TYPES.
+
+    - json_schema: `value` is a JSON Schema document (JSON text); the output is JSON valid
+      against it;
+    - json_object: any JSON object (`value` empty);
+    - regex: `value` is a regular expression the whole output matches (Rust `regex` syntax:
+      no lookaround, no backreferences);
+    - grammar: `value` is a grammar in llguidance's Lark dialect (docs/structured-output.md);
+    - choice: the output is exactly one of `choices`.
+    """
+
+    type: str
+    value: str = ""
+    choices: tuple[str, ...] = ()
+
+
 @dataclass(slots=True)
 class GenerationParams:
     """Everything about a request but its input; the defaults change nothing (greedy)."""
@@ -62,3 +83,4 @@ class GenerationParams:
     n: int = 1  # samples of the prompt; sample i is seeded with seed + i when seed is set
     priority: int = 0  # larger is admitted first
     plugins: list[PluginRequest] = field(default_factory=list)
+    response_format: ResponseFormat | None = None  # None: unconstrained

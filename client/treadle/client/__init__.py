@@ -7,7 +7,7 @@ with Client("localhost:50051") as client:
 
 from ..api.limits import RequestLimits
 from ..api.outcome import FinishReason, Usage
-from ..api.params import ChatMessage, GenerationParams, PluginRequest
+from ..api.params import ChatMessage, GenerationParams, PluginRequest, ResponseFormat
 from .async_client import AsyncClient
 from .connection import TlsConfig
 from .errors import (
@@ -21,6 +21,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .formats import choice, grammar, json_object, json_schema, regex
 from .results import Event, Finish, ModelInfo, Result, SampleResult, TokenChunk
 from .retry import RetryPolicy
 from .sync_client import Client
@@ -42,6 +43,7 @@ __all__ = [
     "PluginRequest",
     "RequestLimits",
     "RequestTooLarge",
+    "ResponseFormat",
     "Result",
     "RetryPolicy",
     "SampleResult",
@@ -51,4 +53,9 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Usage",
+    "choice",
+    "grammar",
+    "json_object",
+    "json_schema",
+    "regex",
 ]

@@ -24,6 +24,7 @@ from .convert import (
     result_from_proto,
 )
 from .errors import InvalidArgument, error_from_rpc
+from .formats import check_format_accepted
 from .results import ModelInfo, Result
 from .retry import RetryPolicy
 from .session import AsyncSession
@@ -44,9 +45,11 @@ class AsyncClient:
     model's chat template on the server), or `token_ids=`. Parameters: a
     `GenerationParams` and/or its fields as keyword arguments (`n=3` asks for
     three samples of the prompt: `Result.samples`, events tagged with their
-    sample's `index`). Parameters are checked before anything is sent
-    (InvalidArgument with the server's own messages). Errors are typed (see
-    `treadle.client.errors`). `timeout` (seconds) applies per call, retries
+    sample's `index`; `response_format=json_schema(...)` constrains the output,
+    see `treadle.client.formats`). Parameters are checked before anything is
+    sent (InvalidArgument with the server's own messages; after `model_info()`,
+    also against the server's limits and the response formats it accepts).
+    Errors are typed (see `treadle.client.errors`). `timeout` (seconds) applies per call, retries
     included. gRPC retries refused calls (UNAVAILABLE) per `retry`, within a
     retry budget shared by the client's calls, and only until the first
     response arrives, never after.
@@ -72,6 +75,8 @@ class AsyncClient:
         )
         self.timeout = timeout
         self.limits = limits  # per-request limits to check client-side (model_info() sets them)
+        # the response_format types the server accepts; None: unknown (model_info() sets it)
+        self.response_format_types: tuple[str, ...] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._probe: grpc.aio.Channel | None = None  # health checks: a plain channel
 
@@ -158,7 +163,11 @@ class AsyncClient:
             max_plugins=info.max_plugins,
             max_top_logprobs=info.max_top_logprobs,
             max_samples=info.max_samples,
+            max_response_format_bytes=info.max_response_format_bytes,
+            max_response_format_choices=info.max_response_format_choices,
+            response_format_compile_seconds=info.response_format_compile_seconds,
         )
+        self.response_format_types = info.response_format_types
         return info
 
     async def tokenize(self, prompt: Prompt, timeout: float | None = None) -> list[int]:
@@ -219,6 +228,7 @@ class AsyncClient:
             raise InvalidArgument("chat: must not be empty", field="chat")
         try:
             check_params(p, self.limits)
+            check_format_accepted(p.response_format, self.response_format_types)
         except ParameterError as exc:
             raise InvalidArgument(str(exc), field=exc.field) from None
         return request_to_proto(prompt, token_ids, p, request_id)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.params import GenerationParams, PluginRequest
+from .format_flags import FlagError, add_format_arguments, response_format_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.tls_cert is None) != (args.tls_key is None):  # gRPC core aborts on one alone
-        parser.error("--tls-cert and --tls-key go together (mutual TLS needs both)")
-    if args.verb == "chat" and args.n not in (None, 1):
-        parser.error("chat: -n/--n must be 1 (a conversation keeps one answer)")
+    args = parse(argv)
     from . import commands
 
     verbs: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -70,6 +66,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "health": commands.health,
     }
     return verbs[args.verb](args)
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The arguments of a client verb, checked; a usage error exits 2 (argparse's way).
+
+    For generate and chat, `args.response_format` is the format its flags ask for
+    (their files read here, so an unreadable one is a usage error naming its flag).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):  # gRPC core aborts on one alone
+        parser.error("--tls-cert and --tls-key go together (mutual TLS needs both)")
+    if args.verb == "chat" and args.n not in (None, 1):
+        parser.error("chat: -n/--n must be 1 (a conversation keeps one answer)")
+    if args.verb in ("generate", "chat"):
+        stdin_holds = "the conversation" if args.verb == "chat" else None
+        if args.verb == "generate" and args.prompt == "-":
+            stdin_holds = "the prompt"
+        try:
+            args.response_format = response_format_from_args(args, stdin_holds)
+        except FlagError as exc:
+            parser.error(str(exc))
+    return args
 
 
 def serve(argv: list[str]) -> int:
@@ -134,6 +153,8 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
                 metavar="NAME[=JSON]",
                 help="enable a server plugin (repeatable)",
             )
+        elif f.name == "response_format":
+            add_format_arguments(p)  # --json-schema, --regex, ...: parse() reads them
         elif f.name == "logit_bias":
             group.add_argument(
                 flag, action="append", type=token_bias, metavar="ID=BIAS", help="repeatable"
@@ -154,7 +175,8 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    """The GenerationParams that the parameter flags describe (unset flags keep defaults)."""
+    """The GenerationParams that the parameter flags describe (unset flags keep defaults;
+    `response_format` is what parse() made of the format flags)."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(GenerationParams):
         value = getattr(args, f.name, None)

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 
 from treadle.v1 import treadle_pb2 as pb
 
-from ..api.params import ChatMessage, GenerationParams
+from ..api.limits import RequestLimits
+from ..api.params import ChatMessage, GenerationParams, ResponseFormat
 from .results import (
     Finish,
     FinishReason,
@@ -20,6 +21,8 @@ from .results import (
 )
 
 Prompt = str | Sequence[ChatMessage | Mapping[str, str]]  # text, or chat messages
+
+_DEFAULT_LIMITS = RequestLimits()  # what ModelInfo means where an older server sends 0
 
 
 def chat_to_proto(messages: Sequence[ChatMessage | Mapping[str, str]]) -> pb.Chat:
@@ -75,6 +78,8 @@ def request_to_proto(
         keep_special_tokens=not p.skip_special_tokens,
         n=p.n,
     )
+    if p.response_format is not None:
+        msg.response_format.CopyFrom(response_format_to_proto(p.response_format))
     if token_ids is not None:
         msg.token_ids.CopyFrom(pb.TokenIds(ids=token_ids))
     elif isinstance(prompt, str):
@@ -82,6 +87,21 @@ def request_to_proto(
     elif prompt is not None:
         msg.chat.CopyFrom(chat_to_proto(prompt))
     return msg
+
+
+def response_format_to_proto(f: ResponseFormat) -> pb.ResponseFormat:
+    """The wire ResponseFormat: its oneof field is named by `f.type`."""
+    if f.type == "choice":
+        return pb.ResponseFormat(choice=pb.ResponseFormat.Choice(choices=f.choices))
+    if f.type == "json_object":
+        return pb.ResponseFormat(json_object=pb.ResponseFormat.JsonObject())
+    if f.type == "json_schema":
+        return pb.ResponseFormat(json_schema=f.value)
+    if f.type == "regex":
+        return pb.ResponseFormat(regex=f.value)
+    if f.type == "grammar":
+        return pb.ResponseFormat(grammar=f.value)
+    raise ValueError(f"response_format: unknown type {f.type!r}")
 
 
 def logprob_from_proto(lp: pb.TokenLogprob) -> TokenLogprob:
@@ -170,4 +190,12 @@ def model_info_from_proto(info: pb.ModelInfoResponse) -> ModelInfo:
         plugins=tuple(info.plugins),
         has_chat_template=info.has_chat_template,
         max_samples=info.max_samples or 1,  # 0: a server that predates samples
+        # 0 and (): a server that predates structured output (it accepts no format)
+        max_response_format_bytes=info.max_response_format_bytes
+        or _DEFAULT_LIMITS.max_response_format_bytes,
+        max_response_format_choices=info.max_response_format_choices
+        or _DEFAULT_LIMITS.max_response_format_choices,
+        response_format_compile_seconds=info.response_format_compile_seconds
+        or _DEFAULT_LIMITS.response_format_compile_seconds,
+        response_format_types=tuple(info.response_format_types),
     )

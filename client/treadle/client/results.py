@@ -157,3 +157,7 @@ class ModelInfo:
     plugins: tuple[str, ...]
     has_chat_template: bool
     max_samples: int  # most samples (n) per request
+    max_response_format_bytes: int  # UTF-8 bytes of a schema, regex, grammar or all choices
+    max_response_format_choices: int  # entries of a choice format
+    response_format_compile_seconds: float  # a format the server compiles longer is refused
+    response_format_types: tuple[str, ...]  # the formats it accepts; () = no structured output

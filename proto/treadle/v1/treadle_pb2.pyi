@@ -123,8 +123,30 @@ class LogprobsOptions(_message.Message):
     processed: bool
     def __init__(self, enabled: _Optional[bool] = ..., top: _Optional[int] = ..., processed: _Optional[bool] = ...) -> None: ...
 
+class ResponseFormat(_message.Message):
+    __slots__ = ("json_schema", "json_object", "regex", "grammar", "choice")
+    class JsonObject(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    class Choice(_message.Message):
+        __slots__ = ("choices",)
+        CHOICES_FIELD_NUMBER: _ClassVar[int]
+        choices: _containers.RepeatedScalarFieldContainer[str]
+        def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    json_object: ResponseFormat.JsonObject
+    regex: str
+    grammar: str
+    choice: ResponseFormat.Choice
+    def __init__(self, json_schema: _Optional[str] = ..., json_object: _Optional[_Union[ResponseFormat.JsonObject, _Mapping]] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ..., choice: _Optional[_Union[ResponseFormat.Choice, _Mapping]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "chat", "token_ids", "sampling", "stopping", "logprobs", "priority", "plugins", "keep_special_tokens", "n")
+    __slots__ = ("request_id", "prompt", "chat", "token_ids", "sampling", "stopping", "logprobs", "priority", "plugins", "keep_special_tokens", "n", "response_format")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +158,7 @@ class GenerateRequest(_message.Message):
     PLUGINS_FIELD_NUMBER: _ClassVar[int]
     KEEP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     chat: Chat
@@ -147,7 +170,8 @@ class GenerateRequest(_message.Message):
     plugins: _containers.RepeatedCompositeFieldContainer[Plugin]
     keep_special_tokens: bool
     n: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobsOptions, _Mapping]] = ..., priority: _Optional[int] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., keep_special_tokens: _Optional[bool] = ..., n: _Optional[int] = ...) -> None: ...
+    response_format: ResponseFormat
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobsOptions, _Mapping]] = ..., priority: _Optional[int] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., keep_special_tokens: _Optional[bool] = ..., n: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -300,7 +324,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template", "max_prompt_chars", "max_chat_messages", "max_request_id_bytes", "max_stop_string_chars", "max_stop_token_ids", "max_bad_words", "max_bad_word_chars", "max_bad_words_tokens", "max_logit_bias", "max_allowed_token_ids", "max_plugin_args_bytes", "max_plugin_args_depth", "max_priority", "max_session_requests", "max_stream_backlog", "max_plugin_name_bytes", "kv_cache_tokens", "max_samples")
+    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template", "max_prompt_chars", "max_chat_messages", "max_request_id_bytes", "max_stop_string_chars", "max_stop_token_ids", "max_bad_words", "max_bad_word_chars", "max_bad_words_tokens", "max_logit_bias", "max_allowed_token_ids", "max_plugin_args_bytes", "max_plugin_args_depth", "max_priority", "max_session_requests", "max_stream_backlog", "max_plugin_name_bytes", "kv_cache_tokens", "max_samples", "max_response_format_bytes", "max_response_format_choices", "response_format_compile_seconds", "response_format_types")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +357,10 @@ class ModelInfoResponse(_message.Message):
     MAX_PLUGIN_NAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_FORMAT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_FORMAT_CHOICES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_TYPES_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     max_total_tokens: int
@@ -365,7 +393,11 @@ class ModelInfoResponse(_message.Message):
     max_plugin_name_bytes: int
     kv_cache_tokens: int
     max_samples: int
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_bad_words: _Optional[int] = ..., max_bad_word_chars: _Optional[int] = ..., max_bad_words_tokens: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_allowed_token_ids: _Optional[int] = ..., max_plugin_args_bytes: _Optional[int] = ..., max_plugin_args_depth: _Optional[int] = ..., max_priority: _Optional[int] = ..., max_session_requests: _Optional[int] = ..., max_stream_backlog: _Optional[int] = ..., max_plugin_name_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    max_response_format_bytes: int
+    max_response_format_choices: int
+    response_format_compile_seconds: float
+    response_format_types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_bad_words: _Optional[int] = ..., max_bad_word_chars: _Optional[int] = ..., max_bad_words_tokens: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_allowed_token_ids: _Optional[int] = ..., max_plugin_args_bytes: _Optional[int] = ..., max_plugin_args_depth: _Optional[int] = ..., max_priority: _Optional[int] = ..., max_session_requests: _Optional[int] = ..., max_stream_backlog: _Optional[int] = ..., max_plugin_name_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_response_format_bytes: _Optional[int] = ..., max_response_format_choices: _Optional[int] = ..., response_format_compile_seconds: _Optional[float] = ..., response_format_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt", "chat")

@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from ..api.outcome import FinishReason
+from ..api.params import RESPONSE_FORMAT_TYPES
+from ..worker.grammar import GrammarCompiler
 from ..worker.loader import LoadedModel, load_model
 from ..worker.plan import StepOutput, StepPlan
 from ..worker.plugins import PluginRegistry, default_registry
@@ -101,7 +103,15 @@ class Engine:
             block_size=self.scheduler.config.block_size,
         )
         self.inputs = InputProcessor(loaded.tokenizer, loaded.vocab_size)
-        self.factory = RequestFactory(self.inputs, self.model_limits, config.limits, self.plugins)
+        grammars = GrammarCompiler(
+            loaded.tokenizer,
+            loaded.vocab_size,
+            loaded.eos_token_ids,
+            config.limits.response_format_compile_seconds,
+        )
+        self.factory = RequestFactory(
+            self.inputs, self.model_limits, config.limits, self.plugins, grammars
+        )
         self.step_observers: list[Callable[[StepStats], None]] = []
         # Called once, from the dying step thread, after every request in flight got its
         # terminal ERROR event (the server turns NOT_SERVING and exits non-zero).
@@ -175,6 +185,7 @@ class Engine:
             max_prompt_chars=self.factory.max_prompt_chars,
             plugins=tuple(self.plugins.names()),
             has_chat_template=self.inputs.has_chat_template,
+            response_format_types=RESPONSE_FORMAT_TYPES if self.factory.grammars.available else (),
             limits=self.config.limits,
         )
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..api.outcome import FinishReason, Usage
+from ..worker.grammar import GrammarState
 from ..worker.history import TokenHistory
 from ..worker.params import SamplingParams
 from ..worker.plan import RowInput, RowOutput
@@ -65,6 +66,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     index: int = 0  # which sample of the request (0..n-1)
     followers: list[Request] = field(default_factory=list)  # samples 1..n-1 until the fork
+    grammar: GrammarState | None = None  # response_format's state (this sample's own)
 
     history: TokenHistory = field(init=False)  # prompt + generated, with running statistics
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
@@ -141,6 +143,7 @@ class Request:
             block_table=self.blocks,
             history=self.history,
             params=self.sampling,
+            grammar=self.grammar,
         )
 
     # -- transitions ---------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..api.checks import MAX_SEED, ParameterError, check_params, check_seconds
 from ..api.limits import RequestLimits
+from ..worker.grammar import GrammarCompiler, GrammarError, GrammarState
 from ..worker.params import LogprobsParams, SamplingParams
 from ..worker.plugins import PluginRegistry
 from ..worker.plugins.base import PluginArgumentError, PluginBinding, PluginContext
@@ -45,11 +46,13 @@ class RequestFactory:
         model: ModelLimits,
         limits: RequestLimits,
         plugins: PluginRegistry,
+        grammars: GrammarCompiler,
     ) -> None:
         self.inputs = inputs
         self.model = model
         self.limits = limits
         self.plugins = plugins
+        self.grammars = grammars
         self.plugin_context = PluginContext(
             tokenizer=inputs.tokenizer,
             vocab_size=model.vocab_size,
@@ -84,6 +87,7 @@ class RequestFactory:
         max_new = self._max_new_tokens(gen, len(prompt_ids))
         stopping = self._stopping(gen, max_new)
         sampling = self._sampling(gen, stopping)
+        grammar = self._grammar(gen)  # compiled last: the costliest check
         now = time.monotonic()
 
         def sample(index: int) -> Request:
@@ -104,6 +108,7 @@ class RequestFactory:
                 deadline=(now + gen.deadline) if gen.deadline is not None else None,
                 arrival=now,
                 index=index,
+                grammar=grammar.fork() if grammar is not None and index else grammar,
             )
 
         leader = sample(0)
@@ -144,6 +149,15 @@ class RequestFactory:
                 f"{n} samples of a {prompt_len}-token prompt need {need} KV blocks; "
                 f"the KV pool has {self.model.pool_blocks}",
             )
+
+    def _grammar(self, gen: GenerationRequest) -> GrammarState | None:
+        """The response_format's state at the start of the output (its size was checked)."""
+        if gen.response_format is None:
+            return None
+        try:
+            return self.grammars.state(gen.response_format)
+        except GrammarError as exc:
+            raise ValidationError("response_format", str(exc)) from exc
 
     def _check_priority(self, priority: int) -> None:
         most = self.limits.max_priority

@@ -8,6 +8,7 @@ from treadle.v1 import treadle_pb2 as pb
 
 from ..api.limits import RequestLimits
 from ..api.outcome import FinishReason, TokenLogprob, Usage
+from ..api.params import RESPONSE_FORMAT_TYPES, ResponseFormat
 from ..scheduler.errors import ValidationError
 from ..scheduler.events import FinishEvent, TokenEvent
 from ..scheduler.generation_request import ChatMessage, GenerationRequest, PluginRequest
@@ -47,7 +48,8 @@ def request_from_proto(
 
     Raises ValidationError for what only the wire format can get wrong (a
     request id over its byte limit, too many chat messages or plugins, plugin
-    arguments that are not a bounded JSON object); the engine checks the rest.
+    arguments that are not a bounded JSON object, a response format with none
+    of its kinds set); the engine checks the rest.
     """
     if msg.request_id:
         check_request_id(msg.request_id, limits)
@@ -90,7 +92,30 @@ def request_from_proto(
         n=msg.n or 1,
         priority=msg.priority,
         plugins=[_plugin(i, p, limits) for i, p in enumerate(msg.plugins)],
+        response_format=response_format_from_proto(msg),
     )
+
+
+def response_format_from_proto(msg: pb.GenerateRequest) -> ResponseFormat | None:
+    """The request's ResponseFormat; None when the field is unset.
+
+    A ResponseFormat message with none of its `format` oneof set (empty, or of a
+    kind newer than this server) is refused rather than served unconstrained.
+    The oneof's field names are the ResponseFormat types.
+    """
+    if not msg.HasField("response_format"):
+        return None
+    wire = msg.response_format
+    kind = wire.WhichOneof("format")
+    if kind is None:
+        raise ValidationError(
+            "response_format", f"must set one of {', '.join(RESPONSE_FORMAT_TYPES)}"
+        )
+    if kind == "choice":
+        return ResponseFormat(kind, choices=tuple(wire.choice.choices))
+    if kind == "json_object":
+        return ResponseFormat(kind)
+    return ResponseFormat(kind, value=getattr(wire, kind))  # json_schema, regex, grammar
 
 
 def _plugin(index: int, plugin: pb.Plugin, limits: RequestLimits) -> PluginRequest:

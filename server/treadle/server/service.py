@@ -113,6 +113,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             has_chat_template=info.has_chat_template,
             max_prompt_chars=info.max_prompt_chars,  # derived when not set
             max_samples=min(info.limits.max_samples, info.max_batch_rows),  # run at once
+            response_format_types=info.response_format_types,  # () without structured output
             **_reported_limits(info.limits),
         )
 
@@ -330,7 +331,8 @@ _MODEL_INFO_LIMITS = tuple(
 )
 
 
-def _reported_limits(limits: RequestLimits) -> dict[str, int]:
+def _reported_limits(limits: RequestLimits) -> dict[str, Any]:
+    """The limits ModelInfoResponse reports by name (ints, and the compile time in seconds)."""
     return {name: getattr(limits, name) for name in _MODEL_INFO_LIMITS}
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..api.outcome import TokenLogprob
+from .grammar import GrammarState
 from .history import TokenHistory
 from .params import SamplingParams
 
@@ -40,6 +41,8 @@ class RowInput:
     history: TokenHistory  # the whole sequence so far (prompt + generated), with the
     #                        statistics the processors keep incrementally (the request's own)
     params: SamplingParams  # processors and choice for the next token
+    grammar: GrammarState | None = None  # the request's response_format position (its own;
+    #                                      the worker advances it by the chosen token)
 
     @property
     def token_ids(self) -> Sequence[int]:

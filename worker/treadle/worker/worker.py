@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .decode_lanes import DecodeLanes
+from .grammar_mask import GrammarMasker
 from .kv_cache import KVShape, PagedKVCache
 from .loader import LoadedModel
 from .model_runner import ModelRunner
@@ -135,11 +136,13 @@ class Worker:
             )
         self.runner = ModelRunner(loaded, self.cache, lanes)
         self.pipeline = LogitsPipeline(loaded.vocab_size)
+        self.grammar = GrammarMasker(loaded.vocab_size)
         self.sampler = Sampler(config.seed)
 
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Run one step: forward, then per-request processing, choice and custom stopping
-        for `plan.sampled_rows` (the output is aligned with them; empty when no row samples).
+        """Run one step: forward, then per-request processing (processors, plugins, the
+        response_format mask, warpers), choice and custom stopping for `plan.sampled_rows`
+        (the output is aligned with them; empty when no row samples).
 
         Raises ValueError when the plan breaks the contract (a scheduler bug).
         """
@@ -153,9 +156,13 @@ class Worker:
         with torch.inference_mode():
             raw = logits.clone() if _wants_raw_logprobs(rows) else logits
             processed = self.pipeline(logits, rows)
+            grammar_errors = self.grammar.apply(processed.scores, rows)  # before the warpers
             choice = self.sampler(raw, processed.scores, rows)
+            chosen = choice.token_ids.tolist()
+            failed = {**choice.errors, **processed.errors, **grammar_errors}
+            advance_errors = self.grammar.advance(rows, chosen, failed)
             stops, stop_errors = run_stopping_plugins(processed.scores, choice.token_ids, rows)
-        errors = {**choice.errors, **processed.errors, **stop_errors}
+        errors = {**failed, **advance_errors, **stop_errors}
         outputs = [
             RowOutput(
                 token_id=token,
@@ -163,7 +170,7 @@ class Worker:
                 stop=i in stops,
                 error=errors.get(i),
             )
-            for i, token in enumerate(choice.token_ids.tolist())
+            for i, token in enumerate(chosen)
         ]
         return StepOutput(
             rows=outputs,
