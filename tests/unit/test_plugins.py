@@ -147,7 +147,7 @@ def small_tokenizer() -> PreTrainedTokenizerFast:
 
 def test_default_registry_has_the_builtins_and_is_a_new_object_each_time() -> None:
     first, second = default_registry(), default_registry()
-    assert first.names() == ["confidence_stop", "phrase_boost"]
+    assert first.names() == ["confidence_stop", "phrase_boost", "prefix_constrained"]
     first.register("add_one", AddOne())
     assert "add_one" not in second.names()
 
@@ -156,7 +156,8 @@ def test_unknown_plugin_names_the_known_ones() -> None:
     with pytest.raises(PluginArgumentError) as err:
         default_registry().bind("nope", {}, CTX)
     assert str(err.value) == (
-        "plugins[nope].name: unknown plugin 'nope' (known: confidence_stop, phrase_boost)"
+        "plugins[nope].name: unknown plugin 'nope' "
+        "(known: confidence_stop, phrase_boost, prefix_constrained)"
     )
 
 

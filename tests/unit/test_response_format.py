@@ -196,3 +196,36 @@ def test_a_grammar_failing_mid_output_ends_its_request_alone(tiny: LoadedModel) 
     else:
         assert got["odd"].text == "\U00040000"
     assert got["plain"].finish.reason is FinishReason.LENGTH and len(got["plain"].tokens) == 6
+
+
+def test_with_chunked_prefill_logprobs_stop_strings_and_plugins(tiny: LoadedModel) -> None:
+    """A constrained request with a long prompt fed in chunks, processed logprobs, a stop
+    string and a plugin: its alternatives are only tokens the format allows, the stop
+    string still ends it, and the plugin runs before the mask."""
+    from treadle.api.params import PluginRequest
+
+    engine = engine_for(tiny, step_token_budget=7)
+    long_prompt = [5 + (i * 37) % 30000 for i in range(50)]
+    colours = ResponseFormat("choice", choices=("red", "green", "blue"))
+    logged = request(
+        "logged", colours, prompt_token_ids=long_prompt, logprobs=True, top_logprobs=5,
+        processed_logprobs=True,
+    )  # fmt: skip
+    stopped = request("stopped", ResponseFormat("regex", "(ab)+"), stop=["ba"])
+    boosted = request(
+        "boosted",
+        colours,
+        plugins=[PluginRequest("phrase_boost", {"phrases": ["blue"], "bias": 50.0})],
+    )
+    got, _ = run_checked(engine, [logged, stopped, boosted])
+    tokenizer = tiny.tokenizer
+    first = next(e for e in got["logged"].events if getattr(e, "logprobs", ())).logprobs[0]
+    alternatives = [t for t, lp in first.top if lp > float("-inf")]
+    assert first.token_id in alternatives
+    for token in alternatives:  # any tokenization of a choice, and nothing else
+        text = tokenizer.decode([token])
+        assert any(c.startswith(text) for c in colours.choices), text
+    assert got["logged"].text in colours.choices
+    assert got["stopped"].finish.reason is FinishReason.STOP_SEQUENCE
+    assert got["stopped"].text in ("a", "")  # "ab" + "a" matched "ba": held back, cut
+    assert got["boosted"].text == "blue"  # the plugin's bias picks among what the mask allows

@@ -13,6 +13,7 @@ from .base import (
     StoppingPlugin,
 )
 from .builtin import ConfidenceStop, PhraseBoost
+from .prefix_constrained import PrefixConstrained
 from .registry import (
     LogitsProcessorAdapter,
     PluginRegistry,
@@ -31,6 +32,7 @@ __all__ = [
     "PluginContext",
     "PluginRegistry",
     "PluginRowErrors",
+    "PrefixConstrained",
     "StoppingCriteriaAdapter",
     "StoppingPlugin",
     "default_registry",

@@ -32,6 +32,7 @@ from .base import (
     StoppingPlugin,
 )
 from .builtin import ConfidenceStop, PhraseBoost
+from .prefix_constrained import PrefixConstrained
 from .runner import PluginRowErrors, plugin_failure
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -110,6 +111,7 @@ def default_registry() -> PluginRegistry:
     registry = PluginRegistry()
     registry.register(PhraseBoost.name, PhraseBoost())
     registry.register("confidence_stop", ConfidenceStop)
+    registry.register(PrefixConstrained.name, PrefixConstrained())
     registry.load_entry_points()
     return registry
 
