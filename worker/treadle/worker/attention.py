@@ -88,7 +88,6 @@ class PagedLayout:
     positions: torch.Tensor  # [T] long: position of each packed token in its sequence
     write_index: torch.Tensor  # [KVH * T] long: pool rows the step's keys/values go to
     num_decode: int  # D: packed tokens 0..D-1 are the decode rows' tokens
-    lanes: DecodeLanes | None = None
     lane_group: LaneGroup | None = None  # decode rows read from lanes; with the groups,
     decode_groups: list[DecodeGroup] = field(default_factory=list)  # they cover 0..D-1
     chunks: list[Chunk] = field(default_factory=list)
@@ -128,7 +127,6 @@ class PagedLayout:
             positions=torch.tensor(positions, device=device),  # [T]
             write_index=cache.write_index(torch.tensor(slots, device=device)),  # [KVH * T]
             num_decode=len(decode),
-            lanes=lanes if lane_group is not None else None,
             lane_group=lane_group,
             decode_groups=groups,
             chunks=chunks,
@@ -212,8 +210,8 @@ def paged_attention(
     if layer is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx: cannot place its KV")
     layout.cache.write(layer, layout.write_index, key[0], value[0])
-    if layout.lanes is not None and layout.lane_group is not None:
-        _write_lanes(layout.lanes, layout.lane_group, layout.cache, layer, key[0], value[0])
+    if layout.lane_group is not None:
+        _write_lanes(layout.lane_group, layout.cache, layer, key[0], value[0])
     q = query[0]  # [H, T, Dh]
     outputs: list[torch.Tensor] = []
     if layout.num_decode:
@@ -225,7 +223,6 @@ def paged_attention(
 
 
 def _write_lanes(
-    lanes: DecodeLanes,
     group: LaneGroup,
     cache: PagedKVCache,
     layer: int,
@@ -235,8 +232,8 @@ def _write_lanes(
     """Fill the lanes new this step from the pool, then append the lane rows' new KV;
     keys/values: the step's `[KVH, T, Dh]` (decode rows first)."""
     if group.fill is not None:
-        lanes.fill(layer, cache, group.fill)
-    lanes.write(layer, group, keys[:, group.rows], values[:, group.rows])  # [KVH, m, Dh]
+        group.store.fill(layer, cache, group.fill)
+    group.store.write(layer, group, keys[:, group.rows], values[:, group.rows])  # [KVH, m, Dh]
 
 
 def _attend_decode(
@@ -252,15 +249,14 @@ def _attend_decode(
     if lane_group is None and len(layout.decode_groups) == 1:  # one batch in row order
         return _attend_group(layout, layer, layout.decode_groups[0], q_dec, scaling)
     out = q.new_empty(d, heads, head_dim)  # [D, H, Dh]
-    if layout.lanes is not None and lane_group is not None:
-        out[lane_group.rows] = _attend_lanes(layout.lanes, lane_group, layer, q_dec, scaling)
+    if lane_group is not None:
+        out[lane_group.rows] = _attend_lanes(lane_group, layer, q_dec, scaling)
     for group in layout.decode_groups:
         out[group.rows] = _attend_group(layout, layer, group, q_dec[group.rows], scaling)
     return out
 
 
 def _attend_lanes(
-    lanes: DecodeLanes,
     group: LaneGroup,
     layer: int,
     q_dec: torch.Tensor,
@@ -268,7 +264,7 @@ def _attend_lanes(
 ) -> torch.Tensor:
     """The lane rows over the lanes' view; q_dec: every decode row's `[D, KVH, rep, Dh]`.
     Returns `[m, H, Dh]` for `group.rows`. Idle lanes among 0..w-1 get a zero query."""
-    keys, values = lanes.view(layer, group)  # [w, KVH, K, Dh]
+    keys, values = group.store.view(layer, group)  # [w, KVH, K, Dh]
     q = q_dec.new_zeros(group.width, *q_dec.shape[1:])  # [w, KVH, rep, Dh]
     q[group.lanes] = q_dec[group.rows]
     out = F.scaled_dot_product_attention(

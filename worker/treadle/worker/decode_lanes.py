@@ -49,6 +49,7 @@ class LaneFill:
 class LaneGroup:
     """This step's decode rows that read their KV from lanes; shared by all layers."""
 
+    store: DecodeLanes  # the lanes they read
     rows: torch.Tensor  # [m] long: the rows, as indices among the decode rows
     lanes: torch.Tensor  # [m] long: each row's lane
     write_index: torch.Tensor  # [KVH * m] long: flat lane rows of the new tokens' KV
@@ -120,8 +121,8 @@ class DecodeLanes:
         takes a free lane (filled from the pool this step). Records each lane's
         length after the step: call `reset` if the step fails.
         """
-        by_history = {id(r.history): r for r in decode}
-        for key in [k for k in self._held if k not in by_history]:
+        decoding = {id(r.history) for r in decode}
+        for key in [k for k in self._held if k not in decoding]:
             self._release(key)
         rows: list[int] = []
         lanes: list[int] = []
@@ -198,6 +199,7 @@ class DecodeLanes:
         heads = torch.arange(kv_heads, device=device)[:, None]  # [KVH, 1]
         write_index = ((lane_t[None, :] * kv_heads + heads) * lane_len + pos[None, :]).reshape(-1)
         return LaneGroup(
+            store=self,
             rows=torch.tensor(rows, device=device),
             lanes=lane_t,
             write_index=write_index,  # [KVH * m]

@@ -37,22 +37,22 @@ class GrammarMasker:
     def apply(self, scores: torch.Tensor, rows: Sequence[RowInput]) -> dict[int, str]:
         """Mask `scores` `[N, V]` in place for the rows with a grammar; returns the errors
         of rows that cannot go on (their grammar failed, or nothing is left allowed)."""
-        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
         if not constrained:
             return {}
         import llguidance.numpy
 
-        states = [rows[i].grammar for i in constrained]
-        bitmask = np.full((len(constrained), self.words), -1, dtype=np.int32)  # [m, W]
-        matchers = [(s.matcher, j) for j, s in enumerate(states) if s is not None]
+        states = [s for _, s in constrained]
+        bitmask = np.full((len(states), self.words), -1, dtype=np.int32)  # [m, W]
+        matchers = [(s.matcher, j) for j, s in enumerate(states)]
         llguidance.numpy.fill_next_token_bitmask_par(self._llg_executor(), matchers, bitmask)
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")  # [m, 32W]
         blocked = torch.from_numpy(bits[:, : self.vocab_size]).to(scores.device) == 0  # [m, V]
-        whole = len(constrained) == scores.shape[0]
-        index = torch.tensor(constrained, device=scores.device)  # [m]
+        whole = len(states) == scores.shape[0]
+        index = torch.tensor([i for i, _ in constrained], device=scores.device)  # [m]
         masked = scores if whole else scores.index_select(0, index)  # [m, V]
         masked.masked_fill_(blocked, float("-inf"))
-        stopped = [j for j, s in enumerate(states) if s is not None and s.is_stopped]
+        stopped = [j for j, s in enumerate(states) if s.is_stopped]
         if stopped:  # complete: end-of-sequence only, whatever min_new_tokens etc. said
             done = torch.tensor(stopped, device=scores.device)
             masked[done] = torch.where(blocked[done], float("-inf"), 0.0)
@@ -62,8 +62,8 @@ class GrammarMasker:
         if not whole:
             scores.index_copy_(0, index, masked)
         errors: dict[int, str] = {}
-        for j, (i, s) in enumerate(zip(constrained, states, strict=True)):
-            why = s.error if s is not None else None
+        for j, (i, s) in enumerate(constrained):
+            why = s.error
             if why is None and bool(empty[j]):
                 why = (
                     "no possible next token: the format and the request's other settings allow none"

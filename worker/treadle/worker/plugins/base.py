@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..error_text import shown
+
 if TYPE_CHECKING:
     import torch
 
@@ -34,6 +36,16 @@ if TYPE_CHECKING:
 
 class PluginArgumentError(ValueError):
     """A request's plugin arguments are invalid; the message names the argument."""
+
+
+def reject_unknown(path: str, args: Mapping[str, Any], known: Sequence[str]) -> None:
+    """Raise PluginArgumentError naming the first argument of `args` not in `known`."""
+
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise PluginArgumentError(
+            f"{path}: unknown argument {shown(unknown[0])} (known: {', '.join(known)})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from transformers import StoppingCriteria
 
 from ..error_text import shown
 from ..plan import RowInput
-from .base import LogitsPlugin, PluginArgumentError, PluginContext
+from .base import LogitsPlugin, PluginArgumentError, PluginContext, reject_unknown
 
 MAX_PHRASES = 64
 MAX_PHRASE_CHARS = 256
@@ -98,11 +98,7 @@ class PhraseBoost(LogitsPlugin):
 
     def bind(self, args: Mapping[str, Any], ctx: PluginContext) -> PhraseBoostState:
         path = f"plugins[{self.name}]"
-        unknown = sorted(set(args) - {"phrases", "bias"})
-        if unknown:
-            raise PluginArgumentError(
-                f"{path}: unknown argument {shown(unknown[0])} (known: phrases, bias)"
-            )
+        reject_unknown(path, args, ("phrases", "bias"))
         phrases = args.get("phrases")
         if (
             not isinstance(phrases, list | tuple)

@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 
-from ..error_text import shown
 from ..plan import RowInput
-from .base import LogitsPlugin, PluginArgumentError, PluginContext
+from .base import LogitsPlugin, PluginArgumentError, PluginContext, reject_unknown
 
 MAX_SEQUENCES = 1024
 MAX_PHRASE_CHARS = 1024
@@ -71,11 +70,7 @@ class PrefixConstrained(LogitsPlugin):
 
     def bind(self, args: Mapping[str, Any], ctx: PluginContext) -> Trie:
         path = f"plugins[{self.name}]"
-        unknown = sorted(set(args) - {"phrases", "token_ids"})
-        if unknown:
-            raise PluginArgumentError(
-                f"{path}: unknown argument {shown(unknown[0])} (known: phrases, token_ids)"
-            )
+        reject_unknown(path, args, ("phrases", "token_ids"))
         phrases = args.get("phrases", [])
         ids = args.get("token_ids", [])
         if not isinstance(phrases, list) or not all(isinstance(p, str) and p for p in phrases):
