@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from treadle.server.bounded_json import JsonLimitError, loads_bounded
+from treadle.api.bounded_json import JsonLimitError, loads_bounded
 
 LIMIT = 16384  # RequestLimits.max_plugin_args_bytes
 

@@ -6,9 +6,11 @@ Both sides raise the same messages: the field's name, then the limit.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from .limits import RequestLimits
 from .params import RESPONSE_FORMAT_TYPES, GenerationParams, ResponseFormat
+from .tools import TOOL_CHOICE_TYPES, TOOL_NAME, Tool, ToolChoice
 
 MAX_SEED = 2**63 - 1
 
@@ -111,6 +113,46 @@ def check_limits(p: GenerationParams, lim: RequestLimits) -> None:
         _check_most("response_format", len(f.choices), lim.max_response_format_choices, "choices")
     check_count("n", p.n, 1, lim.max_samples)
     _check_most("plugins", len(p.plugins), lim.max_plugins, "plugins")
+
+
+def check_tools(
+    tools: Sequence[Tool], choice: ToolChoice | None, limits: RequestLimits, field: str = "tools"
+) -> None:
+    """Raise ParameterError for tools or a tool choice that are malformed or over a limit:
+    counts and sizes only (whether a schema compiles is the server's to check). `field`
+    is the wire name of the tool list; the choice is named `tool_choice` beside it."""
+    choice_field = field.removesuffix("tools") + "tool_choice"
+    if len(tools) > limits.max_tools:
+        raise ParameterError(field, f"at most {limits.max_tools} tools (got {len(tools)})")
+    size = sum(len(f.encode()) for t in tools for f in (t.name, t.description, t.parameters))
+    if size > limits.max_tools_bytes:
+        raise ParameterError(
+            field,
+            f"are {size} bytes in all (names, descriptions, parameters); "
+            f"the limit is {limits.max_tools_bytes}",
+        )
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        if not TOOL_NAME.fullmatch(tool.name):
+            raise ParameterError(
+                f"{field}[{i}].name", "must be 1-64 characters of A-Z, a-z, 0-9, _ and -"
+            )
+        if tool.name in seen:
+            raise ParameterError(f"{field}[{i}].name", f"{tool.name!r} is given twice")
+        seen.add(tool.name)
+    if choice is None:
+        return
+    if choice.type not in TOOL_CHOICE_TYPES:
+        raise ParameterError(
+            choice_field, f"type {choice.type!r} is not one of {', '.join(TOOL_CHOICE_TYPES)}"
+        )
+    if choice.type == "function":
+        if choice.name not in seen:
+            raise ParameterError(choice_field, f"names {choice.name!r}, which is not in {field}")
+    elif choice.name:
+        raise ParameterError(choice_field, f"a name is for type function, not {choice.type}")
+    if choice.type == "required" and not tools:
+        raise ParameterError(choice_field, f"required needs {field}")
 
 
 def check_range(

@@ -32,6 +32,8 @@ class RequestLimits:
     max_response_format_bytes: int = 65536  # schema, regex or grammar (or all choices), UTF-8
     max_response_format_choices: int = 1024  # entries of a choice format
     response_format_compile_seconds: float = 10.0  # a grammar taking longer is refused
+    max_tools: int = 128  # tools offered by one chat
+    max_tools_bytes: int = 131072  # their names, descriptions and parameters, UTF-8
     max_request_id_bytes: int = 256  # UTF-8 bytes; the id is echoed in every event
     max_prompt_chars: int | None = None  # prompt or chat characters; None: derived (below)
     max_chat_messages: int = 1024

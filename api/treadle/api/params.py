@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tools import ToolCall
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: str  # "system", "user", "assistant", ...
+    role: str  # "system", "user", "assistant", "tool", ...
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message: the calls it made
+    tool_call_id: str = ""  # a "tool" message: the id of the call it answers
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass
 
 from ..api.outcome import FinishReason, TokenLogprob, Usage
+from ..api.tools import ToolCall
 
 
 class Cause(enum.Enum):
@@ -58,6 +59,7 @@ class FinishEvent:
     message: str | None = None  # what went wrong, for ERROR and some CANCELLED
     cause: Cause | None = None  # for CANCELLED by the deadline or shutdown
     index: int = 0  # the sample (0..n-1) that ended
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls it made, parsed from its output
 
 
 Event = TokenEvent | FinishEvent

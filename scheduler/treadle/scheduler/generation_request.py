@@ -8,11 +8,12 @@ turns it into the scheduler's `Request`. The parameters are the SDK's own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..api.params import ChatMessage, GenerationParams, PluginRequest
+from ..api.tools import Tool, ToolChoice
 
-__all__ = ["ChatMessage", "GenerationRequest", "PluginRequest"]
+__all__ = ["ChatMessage", "GenerationRequest", "PluginRequest", "Tool", "ToolChoice"]
 
 
 @dataclass(slots=True)
@@ -21,6 +22,8 @@ class GenerationRequest(GenerationParams):
 
     prompt: str | None = None  # raw text, tokenized as is
     messages: list[ChatMessage] | None = None  # rendered with the model's chat template
+    tools: list[Tool] = field(default_factory=list)  # functions the chat offers (messages only)
+    tool_choice: ToolChoice | None = None  # None: auto when tools are given
     prompt_token_ids: list[int] | None = None
     request_id: str | None = None  # chosen by the caller, or assigned by the engine
     deadline: float | None = None  # seconds from arrival before the request is cancelled

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import ValidationError
 from .generation_request import GenerationRequest
+from .tool_format import ToolSpec, generic_messages, template_messages
 
 
 class InputProcessor:
@@ -27,9 +29,16 @@ class InputProcessor:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def prompt_ids(self, req: GenerationRequest) -> list[int]:
-        """The prompt's token ids; raises ValidationError naming the input's wire field
-        (`prompt`, `chat`, `token_ids`: `prompt`, `messages`, `prompt_token_ids` here)."""
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders tools and calls itself (else treadle writes
+        them in its generic format: tool_format.py)."""
+        return "tools" in str(getattr(self.tokenizer, "chat_template", None) or "")
+
+    def prompt_ids(self, req: GenerationRequest, tools: Sequence[ToolSpec] = ()) -> list[int]:
+        """The prompt's token ids, a chat rendered with `tools` (the request's, parsed);
+        raises ValidationError naming the input's wire field (`prompt`, `chat`,
+        `token_ids`: `prompt`, `messages`, `prompt_token_ids` here)."""
         given = input_fields(req)
         if len(given) != 1:
             raise ValidationError(
@@ -40,7 +49,7 @@ class InputProcessor:
         if req.prompt_token_ids is not None:
             return self._checked_ids(req.prompt_token_ids)
         if req.messages is not None:
-            return self._render_chat(req)
+            return self._render_chat(req, tools)
         assert req.prompt is not None
         if not req.prompt:
             raise ValidationError("prompt", "must not be empty")
@@ -50,7 +59,7 @@ class InputProcessor:
         with self._lock:
             return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def _render_chat(self, req: GenerationRequest) -> list[int]:
+    def _render_chat(self, req: GenerationRequest, tools: Sequence[ToolSpec]) -> list[int]:
         assert req.messages is not None
         if not req.messages:
             raise ValidationError("chat", "must not be empty")
@@ -59,11 +68,16 @@ class InputProcessor:
                 raise ValidationError(f"chat.messages[{i}].role", "must not be empty")
         if not self.has_chat_template:
             raise ValidationError("chat", "the model has no chat template; send a prompt")
+        extra: dict[str, Any] = {}
+        if self.template_takes_tools:
+            messages = template_messages(req.messages)
+            if tools:
+                extra["tools"] = [t.openai() for t in tools]
+        else:
+            messages = generic_messages(req.messages, tools)
         with self._lock:
             text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in req.messages],
-                tokenize=False,
-                add_generation_prompt=True,
+                messages, tokenize=False, add_generation_prompt=True, **extra
             )
         return self.encode(str(text), add_special_tokens=False)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..api.outcome import FinishReason, Usage
+from ..api.tools import ToolCall
 from ..worker.grammar import GrammarState
 from ..worker.history import TokenHistory
 from ..worker.params import SamplingParams
@@ -16,6 +17,7 @@ from .block_pool import BlockHash
 from .detokenizer import IncrementalDetokenizer
 from .events import Cause, Ending, Event, FinishEvent, TokenEvent
 from .stop_strings import StopStringMatcher
+from .tool_splitter import ToolCallSplitter
 
 EventSink = Callable[[list[Event]], None]  # receives a request's events of one step, in order
 
@@ -67,6 +69,7 @@ class Request:
     index: int = 0  # which sample of the request (0..n-1)
     followers: list[Request] = field(default_factory=list)  # samples 1..n-1 until the fork
     grammar: GrammarState | None = None  # response_format's state (this sample's own)
+    calls: ToolCallSplitter | None = None  # with tools: separates calls from content
 
     history: TokenHistory = field(init=False)  # prompt + generated, with running statistics
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
@@ -194,10 +197,16 @@ class Request:
             reason = self._late_stop_reason(out, now)
         if reason is not None and matched is None:
             text += self.matcher.flush()
+        tool_calls: tuple[ToolCall, ...] = ()
+        if self.calls is not None:
+            text = self.calls.feed(text)
+            if reason is not None:
+                rest, tool_calls = self.calls.finish()
+                text += rest
         logprobs = (out.logprobs,) if out.logprobs is not None else ()
         events: list[Event] = [TokenEvent(self.request_id, (token,), text, logprobs, self.index)]
         if reason is not None:
-            events.append(self.finish(reason, now, stop_sequence=matched))
+            events.append(self.finish(reason, now, stop_sequence=matched, tool_calls=tool_calls))
         return events
 
     def finish(
@@ -207,6 +216,7 @@ class Request:
         stop_sequence: str | None = None,
         message: str | None = None,
         cause: Cause | None = None,
+        tool_calls: tuple[ToolCall, ...] = (),
     ) -> FinishEvent:
         """Mark the request finished and build its terminal event."""
         self.status = RequestStatus.FINISHED
@@ -218,6 +228,7 @@ class Request:
             stop_sequence=stop_sequence,
             message=message,
             cause=cause,
+            tool_calls=tool_calls,
         )
 
     def usage(self, now: float) -> Usage:

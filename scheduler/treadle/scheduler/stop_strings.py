@@ -27,7 +27,7 @@ class StopStringMatcher:
             index, stop = match
             self.pending = ""
             return text[: index + (len(stop) if self.keep else 0)], stop
-        held = self._held_suffix(text)
+        held = held_suffix(text, self.stops)
         self.pending = text[len(text) - held :] if held else ""
         return text[: len(text) - held], None
 
@@ -46,13 +46,15 @@ class StopStringMatcher:
                 best = (index, stop)
         return best
 
-    def _held_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-        longest = 0
-        last = text[-1:]  # a candidate prefix must end with the text's last character
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), longest, -1):
-                if stop[n - 1] == last and text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+
+def held_suffix(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of
+    `markers`: text that must be held back until the next delta tells."""
+    longest = 0
+    last = text[-1:]  # a candidate prefix must end with the text's last character
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), longest, -1):
+            if marker[n - 1] == last and text.endswith(marker[:n]):
+                longest = n
+                break
+    return longest

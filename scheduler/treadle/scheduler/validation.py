@@ -11,17 +11,21 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..api.checks import MAX_SEED, ParameterError, check_params, check_seconds
+from ..api.checks import MAX_SEED, ParameterError, check_params, check_seconds, check_tools
 from ..api.limits import RequestLimits
+from ..api.params import ResponseFormat
+from ..api.tools import ToolChoice
 from ..worker.grammar import GrammarCompiler, GrammarError, GrammarState
 from ..worker.params import LogprobsParams, SamplingParams
 from ..worker.plugins import PluginRegistry
 from ..worker.plugins.base import PluginArgumentError, PluginBinding, PluginContext
 from .detokenizer import IncrementalDetokenizer
 from .errors import ValidationError
-from .generation_request import GenerationRequest
+from .generation_request import ChatMessage, GenerationRequest
 from .inputs import InputProcessor, input_fields
 from .request import EventSink, Request, StoppingParams
+from .tool_format import ToolSpec, call_grammar, parse_tools
+from .tool_splitter import ToolCallSplitter
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,14 @@ class RequestFactory:
         self._check_priority(gen.priority)
         self._check_bad_word_chars(gen.bad_words)
         self._check_samples(gen.n)
-        prompt_ids = self.prompt_ids(gen)
+        tools = self._tools(gen)
+        prompt_ids = self._prompt_ids(gen, tools)
         self._check_fork(gen.n, len(prompt_ids))
         max_new = self._max_new_tokens(gen, len(prompt_ids))
         stopping = self._stopping(gen, max_new)
         sampling = self._sampling(gen, stopping)
-        grammar = self._grammar(gen)  # compiled last: the costliest check
+        grammar = self._grammar(gen, tools)  # compiled last: the costliest check
+        calls = grammar is not None and gen.response_format is None  # tool calls are made
         now = time.monotonic()
 
         def sample(index: int) -> Request:
@@ -109,6 +115,7 @@ class RequestFactory:
                 arrival=now,
                 index=index,
                 grammar=grammar.fork() if grammar is not None and index else grammar,
+                calls=ToolCallSplitter() if calls else None,
             )
 
         leader = sample(0)
@@ -116,22 +123,26 @@ class RequestFactory:
         return leader
 
     def prompt_ids(self, gen: GenerationRequest) -> list[int]:
-        """The input's token ids (as `InputProcessor.prompt_ids`), after its size is
-        checked: characters of a prompt or chat, count of token ids."""
+        """The input's token ids (as `InputProcessor.prompt_ids`, a chat rendered with its
+        tools), after its size is checked: characters of a prompt or chat, count of token
+        ids, the tools' count and bytes."""
+        return self._prompt_ids(gen, self._tools(gen))
+
+    def _prompt_ids(self, gen: GenerationRequest, tools: list[ToolSpec]) -> list[int]:
         chars = self.max_prompt_chars
         if gen.prompt is not None and len(gen.prompt) > chars:
             raise ValidationError(
                 "prompt", f"is {len(gen.prompt)} characters; the limit is {chars}"
             )
         if gen.messages is not None:
-            total = sum(len(m.role) + len(m.content) for m in gen.messages)
+            total = sum(_chars(m) for m in gen.messages)
             if total > chars:
                 raise ValidationError("chat", f"is {total} characters in all; the limit is {chars}")
         if gen.prompt_token_ids is not None and len(gen.prompt_token_ids) >= (
             limit := self.model.max_total_tokens
         ):
             raise ValidationError("token_ids", self._too_long(len(gen.prompt_token_ids), limit))
-        return self.inputs.prompt_ids(gen)
+        return self.inputs.prompt_ids(gen, tools)
 
     # -- pieces -----------------------------------------------------------------
     def _check_samples(self, n: int) -> None:
@@ -150,14 +161,40 @@ class RequestFactory:
                 f"the KV pool has {self.model.pool_blocks}",
             )
 
-    def _grammar(self, gen: GenerationRequest) -> GrammarState | None:
-        """The response_format's state at the start of the output (its size was checked)."""
-        if gen.response_format is None:
+    def _tools(self, gen: GenerationRequest) -> list[ToolSpec]:
+        """The chat's tools, checked and parsed (before anything is rendered)."""
+        if not gen.tools and gen.tool_choice is None:
+            return []
+        if gen.messages is None:
+            raise ValidationError("chat.tools", "tools and tool_choice need a chat input")
+        try:
+            check_tools(gen.tools, gen.tool_choice, self.limits, field="chat.tools")
+        except ParameterError as exc:
+            raise ValidationError(exc.field, exc.detail) from exc
+        if _tool_choice(gen).type != "none":
+            if gen.response_format is not None:
+                raise ValidationError(
+                    "response_format", "cannot be combined with tools unless tool_choice is none"
+                )
+            if gen.ignore_eos:
+                raise ValidationError(
+                    "chat.tool_choice", "cannot be combined with ignore_eos unless it is none"
+                )
+        return parse_tools(gen.tools, self.limits.max_tools_bytes)
+
+    def _grammar(self, gen: GenerationRequest, tools: list[ToolSpec]) -> GrammarState | None:
+        """The state at the start of the output of the response_format (its size was
+        checked), or of the tool calls' grammar; None when the output is free."""
+        fmt, field = gen.response_format, "response_format"
+        if fmt is None and tools:
+            lark = call_grammar(tools, _tool_choice(gen))
+            fmt, field = (ResponseFormat("grammar", lark), "chat.tools") if lark else (None, "")
+        if fmt is None:
             return None
         try:
-            return self.grammars.state(gen.response_format)
+            return self.grammars.state(fmt)
         except GrammarError as exc:
-            raise ValidationError("response_format", str(exc)) from exc
+            raise ValidationError(field, str(exc)) from exc
 
     def _check_priority(self, priority: int) -> None:
         most = self.limits.max_priority
@@ -287,6 +324,19 @@ def _plugin_error(index: int, name: str, message: str) -> ValidationError:
         return ValidationError(f"plugins[{index}]", message)
     field, _, detail = rest.partition(": ")
     return ValidationError(f"plugins[{index}]{field}", detail)
+
+
+def _tool_choice(gen: GenerationRequest) -> ToolChoice:
+    """The request's tool choice: as given, else auto with tools and none without."""
+    if gen.tool_choice is not None:
+        return gen.tool_choice
+    return ToolChoice("auto" if gen.tools else "none")
+
+
+def _chars(m: ChatMessage) -> int:
+    """Characters of a chat message, its calls included (bounds rendering it)."""
+    calls = sum(len(c.id) + len(c.name) + len(c.arguments) for c in m.tool_calls)
+    return len(m.role) + len(m.content) + len(m.tool_call_id) + calls
 
 
 def check_request_id(request_id: str, limits: RequestLimits) -> None:

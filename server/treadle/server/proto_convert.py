@@ -13,7 +13,7 @@ from ..scheduler.errors import ValidationError
 from ..scheduler.events import FinishEvent, TokenEvent
 from ..scheduler.generation_request import ChatMessage, GenerationRequest, PluginRequest
 from ..scheduler.validation import check_request_id
-from .bounded_json import JsonLimitError, loads_bounded
+from ..api.bounded_json import JsonLimitError, loads_bounded
 
 # The engine's parameter names that differ from the wire's; the others are the same words.
 _WIRE_FIELDS = {
