@@ -8,6 +8,7 @@ with Client("localhost:50051") as client:
 from ..api.limits import RequestLimits
 from ..api.outcome import FinishReason, Usage
 from ..api.params import ChatMessage, GenerationParams, PluginRequest, ResponseFormat
+from ..api.tools import Tool, ToolCall, ToolChoice
 from .async_client import AsyncClient
 from .connection import TlsConfig
 from .errors import (
@@ -25,6 +26,7 @@ from .formats import choice, grammar, json_object, json_schema, regex
 from .results import Event, Finish, ModelInfo, Result, SampleResult, TokenChunk
 from .retry import RetryPolicy
 from .sync_client import Client
+from .tools import call_arguments, tool
 
 __all__ = [
     "AsyncClient",
@@ -49,13 +51,18 @@ __all__ = [
     "SampleResult",
     "TlsConfig",
     "TokenChunk",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
     "TreadleClientError",
     "Unauthenticated",
     "Unavailable",
     "Usage",
+    "call_arguments",
     "choice",
     "grammar",
     "json_object",
     "json_schema",
     "regex",
+    "tool",
 ]

@@ -29,6 +29,7 @@ from .results import ModelInfo, Result
 from .retry import RetryPolicy
 from .session import AsyncSession
 from .streams import ResponseStream, raise_if_failed
+from .tools import ToolChoiceLike, ToolLike, chat_tools
 
 _Response = TypeVar("_Response")
 
@@ -46,7 +47,10 @@ class AsyncClient:
     `GenerationParams` and/or its fields as keyword arguments (`n=3` asks for
     three samples of the prompt: `Result.samples`, events tagged with their
     sample's `index`; `response_format=json_schema(...)` constrains the output,
-    see `treadle.client.formats`). Parameters are checked before anything is
+    see `treadle.client.formats`). A chat may offer `tools=` (Tool, `tool()`, or
+    OpenAI-style dicts) with a `tool_choice=` ("none", "auto", "required" or a
+    tool's name); the calls come back in `Result.tool_calls` / `Finish.tool_calls`
+    (see `treadle.client.tools`). Parameters are checked before anything is
     sent (InvalidArgument with the server's own messages; after `model_info()`,
     also against the server's limits and the response formats it accepts).
     Errors are typed (see `treadle.client.errors`). `timeout` (seconds) applies per call, retries
@@ -134,7 +138,7 @@ class AsyncClient:
         **overrides: Any,
     ) -> ResponseStream:
         """Stream a request's events (TokenChunk..., Finish; with `n=`, each sample's,
-        interleaved); see ResponseStream."""
+        interleaved); see ResponseStream. A sample's tool calls are in its Finish."""
         request = self.build_request(prompt, token_ids, params, request_id, overrides)
         stub = self.stub
         return ResponseStream(
@@ -166,6 +170,8 @@ class AsyncClient:
             max_response_format_bytes=info.max_response_format_bytes,
             max_response_format_choices=info.max_response_format_choices,
             response_format_compile_seconds=info.response_format_compile_seconds,
+            max_tools=info.max_tools,
+            max_tools_bytes=info.max_tools_bytes,
         )
         self.response_format_types = info.response_format_types
         return info
@@ -213,7 +219,14 @@ class AsyncClient:
         request_id: str,
         overrides: dict[str, Any],
     ) -> pb.GenerateRequest:
-        """The checked wire request; raises InvalidArgument before anything is sent."""
+        """The checked wire request; raises InvalidArgument before anything is sent (a
+        malformed message, tool or tool choice, tools for an input that is not a chat).
+
+        `overrides` are GenerationParams fields, and the chat's `tools` and `tool_choice`.
+        """
+        overrides = dict(overrides)
+        tools: Sequence[ToolLike] = overrides.pop("tools", ())
+        tool_choice: ToolChoiceLike | None = overrides.pop("tool_choice", None)
         try:
             p = dataclasses.replace(params or GenerationParams(), **overrides)
         except TypeError as exc:
@@ -229,9 +242,12 @@ class AsyncClient:
         try:
             check_params(p, self.limits)
             check_format_accepted(p.response_format, self.response_format_types)
+            chat_tool_list, choice = chat_tools(tools, tool_choice, self.limits)
+            return request_to_proto(
+                prompt, token_ids, p, request_id, tools=chat_tool_list, tool_choice=choice
+            )
         except ParameterError as exc:
             raise InvalidArgument(str(exc), field=exc.field) from None
-        return request_to_proto(prompt, token_ids, p, request_id)
 
     def _get_channel(self) -> grpc.aio.Channel:
         if self._channel is None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..api.params import GenerationParams, PluginRequest
 from .format_flags import FlagError, add_format_arguments, response_format_from_args
+from .tool_flags import add_tool_arguments, tool_flags_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--chat", action="store_true", help="send the prompt as a user message (chat template)"
     )
-    generate.add_argument("--system", help="a system message (implies --chat)")
+    generate.add_argument(
+        "--system", help="a system message (implies --chat, as --tools and --tool-choice do)"
+    )
     generate.add_argument("--json", action="store_true", help="print the result as JSON")
     chat = verbs.add_parser("chat", help="an interactive conversation (Ctrl-C stops an answer)")
     chat.add_argument("--system", help="a system message opening the conversation")
     for p in (generate, chat):
         add_connection_arguments(p)
         add_param_arguments(p)
+        add_tool_arguments(p)
     for name, text in (("info", "the served model and its limits"), ("health", "server health")):
         add_connection_arguments(verbs.add_parser(name, help=text))
     return parser
@@ -71,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """The arguments of a client verb, checked; a usage error exits 2 (argparse's way).
 
-    For generate and chat, `args.response_format` is the format its flags ask for
-    (their files read here, so an unreadable one is a usage error naming its flag).
+    For generate and chat, `args.response_format` is the format its flags ask for and
+    `args.tool_flags` the tools and tool choice (their files read here, so an unreadable
+    one is a usage error naming its flag).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,8 +89,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         stdin_holds = "the conversation" if args.verb == "chat" else None
         if args.verb == "generate" and args.prompt == "-":
             stdin_holds = "the prompt"
+        format_from_stdin = "-" in (args.json_schema, args.grammar)
         try:
             args.response_format = response_format_from_args(args, stdin_holds)
+            tools_stdin = stdin_holds or ("the response format" if format_from_stdin else None)
+            args.tool_flags = tool_flags_from_args(args, tools_stdin)
         except FlagError as exc:
             parser.error(str(exc))
     return args

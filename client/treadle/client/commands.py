@@ -14,6 +14,7 @@ from typing import Any
 
 from ..api.outcome import TokenLogprob
 from ..api.params import ChatMessage, GenerationParams
+from ..api.tools import ToolCall
 from .cli import params_from_args
 from .connection import TlsConfig
 from .convert import Prompt
@@ -21,6 +22,7 @@ from .errors import TreadleClientError, Unauthenticated
 from .results import Finish, Result, TokenChunk
 from .streams import raise_if_error
 from .sync_client import Client
+from .tool_flags import ToolFlags, print_calls
 
 
 def client_from_args(args: argparse.Namespace) -> Client:
@@ -42,27 +44,32 @@ def client_from_args(args: argparse.Namespace) -> Client:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Stream one answer to stdout; the finish line goes to stderr. With -n N > 1, print
-    each sample once all have finished, labelled `[sample i]`."""
+    """Stream one answer to stdout, then its tool calls (one JSON line each); the finish
+    line goes to stderr. With -n N > 1, print each sample once all have finished,
+    labelled `[sample i]`."""
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [*_opening(args.system), ChatMessage("user", prompt_text)]
-    prompt: Prompt = messages if (args.chat or args.system) else prompt_text
+    tools: ToolFlags = args.tool_flags
+    prompt: Prompt = messages if (args.chat or args.system or tools.given) else prompt_text
     try:
         with client_from_args(args) as client:
             params = params_from_args(args)
             if args.json:
-                result = client.generate(prompt, params=params)
+                result = client.generate(
+                    prompt, params=params, tools=tools.tools, tool_choice=tools.choice
+                )
                 print(json.dumps(_result_json(result), default=_plain, indent=2))
                 return 0
             if params.n > 1:
-                _print_samples(_gather_samples(client, prompt, params))
+                _print_samples(_gather_samples(client, prompt, params, tools))
                 return 0
             logprobs: list[tuple[str, TokenLogprob]] = []
-            _, finish = _print_answer(client, prompt, params, logprobs)
+            _, finish = _print_answer(client, prompt, params, tools, logprobs)
     except (TreadleClientError, OSError, ValueError) as exc:
         print(f"treadle generate: {exc}", file=sys.stderr)
         return 1
     print(file=sys.stdout, flush=True)
+    print_calls(finish.tool_calls if finish else ())
     _print_logprobs(logprobs)
     _print_finish(finish)
     return 0
@@ -70,6 +77,10 @@ def generate(args: argparse.Namespace) -> int:
 
 def chat(args: argparse.Namespace) -> int:
     """An interactive conversation; Ctrl-C stops the current answer, Ctrl-D leaves.
+
+    With --tools, an answer's calls are printed after its text (one JSON line each)
+    and the result of each is asked for (`[name id] result> `); the model then
+    answers again with the results, until it answers without calls.
 
     Exits 1 if any question failed (at once for a refused token: every later
     question would fail the same way), 0 otherwise.
@@ -97,20 +108,18 @@ def chat(args: argparse.Namespace) -> int:
                 continue
             if not line.strip():
                 continue
+            turn = len(messages)  # where this question's messages start
             messages.append(ChatMessage("user", line))
             try:
-                answer = _print_chat_answer(client, messages, params)
+                answered = _chat_turn(client, messages, params, args.tool_flags)
             except TreadleClientError as exc:
                 print(f"\n[error: {exc}]", file=sys.stderr, flush=True)
                 if isinstance(exc, Unauthenticated):
                     return 1
                 failed = True
-                messages.pop()
-                continue
-            if answer is None:  # cancelled: forget the question
-                messages.pop()
-            else:
-                messages.append(ChatMessage("assistant", answer))
+                answered = False
+            if not answered:  # failed or cancelled: forget the question
+                del messages[turn:]
 
 
 def info(args: argparse.Namespace) -> int:
@@ -146,6 +155,7 @@ def _print_answer(
     client: Client,
     prompt: Prompt,
     params: GenerationParams,
+    tools: ToolFlags,
     logprobs: list[tuple[str, TokenLogprob]] | None = None,
 ) -> tuple[str, Finish | None]:
     """Stream one answer to stdout; raises the typed error of a request that ends in ERROR.
@@ -153,7 +163,9 @@ def _print_answer(
     Each token's logprobs (with its chunk's text) are appended to `logprobs`.
     """
     parts: list[str] = []
-    for event in client.stream(prompt, params=params):
+    # not kept in a local: the traceback of an error raised here would keep the stream
+    # (and its call) alive past the client's close
+    for event in client.stream(prompt, params=params, tools=tools.tools, tool_choice=tools.choice):
         if isinstance(event, TokenChunk):
             parts.append(event.text)
             print(event.text, end="", flush=True)
@@ -174,11 +186,13 @@ class _Sample:
     finish: Finish | None = None
 
 
-def _gather_samples(client: Client, prompt: Prompt, params: GenerationParams) -> list[_Sample]:
+def _gather_samples(
+    client: Client, prompt: Prompt, params: GenerationParams, tools: ToolFlags
+) -> list[_Sample]:
     """Every sample of the request, gathered from its stream; raises the typed error of
     the first sample to end in ERROR."""
     samples = [_Sample() for _ in range(params.n)]
-    for event in client.stream(prompt, params=params):
+    for event in client.stream(prompt, params=params, tools=tools.tools, tool_choice=tools.choice):
         sample = samples[event.index]
         if isinstance(event, TokenChunk):
             sample.text.append(event.text)
@@ -190,26 +204,61 @@ def _gather_samples(client: Client, prompt: Prompt, params: GenerationParams) ->
 
 
 def _print_samples(samples: list[_Sample]) -> None:
-    """Each sample in index order: `[sample i]` and its text on stdout, then its logprobs
-    and finish line (`sample i: [reason] ...`) on stderr."""
+    """Each sample in index order: `[sample i]`, its text and its tool calls on stdout,
+    then its logprobs and finish line (`sample i: [reason] ...`) on stderr."""
     for i, sample in enumerate(samples):
         print(f"[sample {i}]", flush=True)
         print("".join(sample.text), flush=True)
+        print_calls(sample.finish.tool_calls if sample.finish else ())
         _print_logprobs(sample.logprobs)
         _print_finish(sample.finish, f"sample {i}: ")
 
 
+def _chat_turn(
+    client: Client, messages: list[ChatMessage], params: GenerationParams, tools: ToolFlags
+) -> bool:
+    """Answer the question that ends `messages`, appending the answer (and, while the
+    model calls tools, each call's result as asked for and the next answer); False if
+    the user stopped it (Ctrl-C, or Ctrl-D at a result prompt)."""
+    while True:
+        answer = _print_chat_answer(client, messages, params, tools)
+        if answer is None:
+            return False
+        text, calls = answer
+        messages.append(ChatMessage("assistant", text, tool_calls=calls))
+        if not calls:
+            return True
+        results = _ask_results(calls)
+        if results is None:
+            return False
+        messages.extend(results)
+
+
 def _print_chat_answer(
-    client: Client, messages: list[ChatMessage], params: GenerationParams
-) -> str | None:
-    """Stream one answer; None if the user stopped it with Ctrl-C."""
+    client: Client, messages: list[ChatMessage], params: GenerationParams, tools: ToolFlags
+) -> tuple[str, tuple[ToolCall, ...]] | None:
+    """Stream one answer, then print its calls; None if the user stopped it with Ctrl-C."""
     try:
-        answer, _ = _print_answer(client, list(messages), params)
+        answer, finish = _print_answer(client, list(messages), params, tools)
     except KeyboardInterrupt:
         print("\n[stopped]", flush=True)
         return None
     print(flush=True)
-    return answer
+    calls = finish.tool_calls if finish else ()
+    print_calls(calls)
+    return answer, calls
+
+
+def _ask_results(calls: tuple[ToolCall, ...]) -> list[ChatMessage] | None:
+    """A "tool" message per call with the result the user types; None if they stop."""
+    try:
+        return [
+            ChatMessage("tool", input(f"[{call.name} {call.id}] result> "), tool_call_id=call.id)
+            for call in calls
+        ]
+    except (KeyboardInterrupt, EOFError):
+        print("\n[stopped]", flush=True)
+        return None
 
 
 def _print_logprobs(logprobs: list[tuple[str, TokenLogprob]]) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from treadle.v1 import treadle_pb2 as pb
 
+from ..api.checks import ParameterError
 from ..api.limits import RequestLimits
 from ..api.params import ChatMessage, GenerationParams, ResponseFormat
+from ..api.tools import Tool, ToolCall, ToolChoice
 from .results import (
     Finish,
     FinishReason,
@@ -19,20 +22,75 @@ from .results import (
     TokenLogprob,
     Usage,
 )
+from .tools import as_call
 
-Prompt = str | Sequence[ChatMessage | Mapping[str, str]]  # text, or chat messages
+Message = ChatMessage | Mapping[str, Any]  # a ChatMessage, or an OpenAI-style dict
+Prompt = str | Sequence[Message]  # text, or chat messages
 
 _DEFAULT_LIMITS = RequestLimits()  # what ModelInfo means where an older server sends 0
 
 
-def chat_to_proto(messages: Sequence[ChatMessage | Mapping[str, str]]) -> pb.Chat:
-    out = []
-    for m in messages:
-        role, content = (
-            (m.role, m.content) if isinstance(m, ChatMessage) else (m["role"], m["content"])
-        )
-        out.append(pb.ChatMessage(role=role, content=content))
-    return pb.Chat(messages=out)
+def chat_to_proto(
+    messages: Sequence[Message], tools: Sequence[Tool] = (), tool_choice: ToolChoice | None = None
+) -> pb.Chat:
+    """The wire Chat: the messages (see `chat_message`), the tools and the tool choice."""
+    chat = pb.Chat(
+        messages=[message_to_proto(chat_message(m, i)) for i, m in enumerate(messages)],
+        tools=[
+            pb.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in tools
+        ],
+    )
+    if tool_choice is not None:
+        chat.tool_choice.CopyFrom(tool_choice_to_proto(tool_choice))
+    return chat
+
+
+def chat_message(m: Message, index: int) -> ChatMessage:
+    """A ChatMessage from a ChatMessage or a dict with "role" and "content" (None or absent:
+    empty, as in an assistant message that only calls tools), and optionally "tool_calls"
+    (each a ToolCall or a dict, see tools.as_call) and "tool_call_id". Raises
+    ParameterError naming `chat.messages[index]...` for a malformed one."""
+    if isinstance(m, ChatMessage):
+        return m
+    field = f"chat.messages[{index}]"
+    role, content, call_id = m.get("role"), m.get("content") or "", m.get("tool_call_id") or ""
+    if not isinstance(role, str) or not isinstance(content, str) or not isinstance(call_id, str):
+        raise ParameterError(field, "role, content and tool_call_id must be strings")
+    calls = m.get("tool_calls") or ()
+    if isinstance(calls, str | Mapping):
+        raise ParameterError(f"{field}.tool_calls", "must be a list of calls")
+    return ChatMessage(
+        role,
+        content,
+        tool_calls=tuple(as_call(c, f"{field}.tool_calls[{j}]") for j, c in enumerate(calls)),
+        tool_call_id=call_id,
+    )
+
+
+def message_to_proto(m: ChatMessage) -> pb.ChatMessage:
+    return pb.ChatMessage(
+        role=m.role,
+        content=m.content,
+        tool_calls=[call_to_proto(c) for c in m.tool_calls],
+        tool_call_id=m.tool_call_id,
+    )
+
+
+def call_to_proto(call: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+
+
+def call_from_proto(call: pb.ToolCall) -> ToolCall:
+    return ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+
+
+def tool_choice_to_proto(choice: ToolChoice) -> pb.ToolChoice:
+    """The wire ToolChoice: mode MODE_ + the type in capitals (function -> MODE_FUNCTION)."""
+    try:
+        mode = pb.ToolChoice.Mode.Value("MODE_" + choice.type.upper())
+    except ValueError:
+        raise ValueError(f"tool_choice: unknown type {choice.type!r}") from None
+    return pb.ToolChoice(mode=mode, function=choice.name)
 
 
 def request_to_proto(
@@ -40,8 +98,12 @@ def request_to_proto(
     token_ids: Sequence[int] | None,
     params: GenerationParams,
     request_id: str = "",
+    *,
+    tools: Sequence[Tool] = (),
+    tool_choice: ToolChoice | None = None,
 ) -> pb.GenerateRequest:
-    """The wire request for one input (text, chat messages or token ids) and its parameters."""
+    """The wire request for one input (text, chat messages or token ids) and its parameters;
+    `tools` and `tool_choice` go into the chat (they are for chat input only)."""
     p = params
     msg = pb.GenerateRequest(
         request_id=request_id,
@@ -80,12 +142,15 @@ def request_to_proto(
     )
     if p.response_format is not None:
         msg.response_format.CopyFrom(response_format_to_proto(p.response_format))
+    if (tools or tool_choice is not None) and (prompt is None or isinstance(prompt, str)):
+        field = "chat.tools" if tools else "chat.tool_choice"
+        raise ParameterError(field, "is for a chat input (a list of messages) only")
     if token_ids is not None:
         msg.token_ids.CopyFrom(pb.TokenIds(ids=token_ids))
     elif isinstance(prompt, str):
         msg.prompt = prompt
     elif prompt is not None:
-        msg.chat.CopyFrom(chat_to_proto(prompt))
+        msg.chat.CopyFrom(chat_to_proto(prompt, tools, tool_choice))
     return msg
 
 
@@ -143,6 +208,7 @@ def finish_from_proto(request_id: str, finish: pb.Finish) -> Finish:
         error_code=finish.error.code,
         error_message=finish.error.message,
         index=finish.index,
+        tool_calls=tuple(call_from_proto(c) for c in finish.tool_calls),
     )
 
 
@@ -198,4 +264,7 @@ def model_info_from_proto(info: pb.ModelInfoResponse) -> ModelInfo:
         response_format_compile_seconds=info.response_format_compile_seconds
         or _DEFAULT_LIMITS.response_format_compile_seconds,
         response_format_types=tuple(info.response_format_types),
+        # 0: a server that predates tool calling (it would ignore the tools)
+        max_tools=info.max_tools,
+        max_tools_bytes=info.max_tools_bytes,
     )

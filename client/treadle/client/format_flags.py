@@ -57,17 +57,12 @@ def response_format_from_args(
     (e.g. "the prompt").
     """
     if args.json_schema is not None:
-        text = _read("--json-schema", args.json_schema, stdin_holds)
-        try:
-            schema = json.loads(text)
-        except json.JSONDecodeError as exc:
-            detail = f"{_shown(args.json_schema)} is not JSON: {exc}"
-            raise FlagError("--json-schema", detail) from None
+        schema = read_json_flag("--json-schema", args.json_schema, stdin_holds)
         if not isinstance(schema, dict):
-            kind = _JSON_KINDS.get(type(schema), type(schema).__name__)
             raise FlagError(
                 "--json-schema",
-                f"{_shown(args.json_schema)} holds a JSON {kind}, not a schema object",
+                f"{shown_path(args.json_schema)} holds a JSON {json_kind(schema)}, "
+                "not a schema object",
             )
         return json_schema(schema)
     if args.json_object:
@@ -77,11 +72,13 @@ def response_format_from_args(
     if args.choice:
         return choice(args.choice)
     if args.grammar is not None:
-        return grammar(_read("--grammar", args.grammar, stdin_holds))
+        return grammar(read_flag_file("--grammar", args.grammar, stdin_holds))
     return None
 
 
-def _read(flag: str, path: str, stdin_holds: str | None) -> str:
+def read_flag_file(flag: str, path: str, stdin_holds: str | None) -> str:
+    """The text of the file a flag names ("-": stdin); raises FlagError when it cannot be
+    read, is not UTF-8, or is "-" while stdin holds `stdin_holds`."""
     if path == "-":
         if stdin_holds is not None:
             raise FlagError(flag, f"'-' reads stdin, which holds {stdin_holds}")
@@ -90,16 +87,32 @@ def _read(flag: str, path: str, stdin_holds: str | None) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError:
-        raise FlagError(flag, f"{_shown(path)} is not UTF-8 text") from None
+        raise FlagError(flag, f"{shown_path(path)} is not UTF-8 text") from None
     except OSError as exc:
-        raise FlagError(flag, f"cannot read {_shown(path)}: {exc.strerror or exc}") from None
+        raise FlagError(flag, f"cannot read {shown_path(path)}: {exc.strerror or exc}") from None
 
 
-def _shown(path: str) -> str:
+def read_json_flag(flag: str, path: str, stdin_holds: str | None) -> Any:
+    """The JSON value in the file a flag names; raises FlagError as read_flag_file does,
+    and when the file is not JSON."""
+    text = read_flag_file(flag, path, stdin_holds)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FlagError(flag, f"{shown_path(path)} is not JSON: {exc}") from None
+
+
+def json_kind(value: Any) -> str:
+    """What JSON calls the kind of a parsed value ("array", "object", ...)."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def shown_path(path: str) -> str:
     return "stdin" if path == "-" else repr(path)
 
 
 _JSON_KINDS: dict[type[Any], str] = {
+    dict: "object",
     list: "array",
     str: "string",
     int: "number",

@@ -22,14 +22,20 @@ def json_schema(schema: Mapping[str, Any] | type) -> ResponseFormat:
     """Output that is JSON valid against `schema`: a JSON Schema as a dict, or a pydantic
     model class (its `model_json_schema()`). Sent as compact JSON text, keys in order
     (the order the model writes properties in)."""
+    return ResponseFormat("json_schema", value=schema_text(schema, "json_schema()"))
+
+
+def schema_text(schema: Mapping[str, Any] | type, taker: str) -> str:
+    """A JSON Schema dict or a pydantic model class as compact JSON text, keys in order;
+    raises TypeError naming `taker` (e.g. "json_schema()") for anything else."""
     to_schema = getattr(schema, "model_json_schema", None)
     document = to_schema() if callable(to_schema) else schema
     if not isinstance(document, Mapping):
         raise TypeError(
-            "json_schema() takes a JSON Schema dict or a pydantic model class, "
+            f"{taker} takes a JSON Schema dict or a pydantic model class, "
             f"not {type(schema).__name__}"
         )
-    return ResponseFormat("json_schema", value=json.dumps(document, separators=(",", ":")))
+    return json.dumps(document, separators=(",", ":"))
 
 
 def json_object() -> ResponseFormat:

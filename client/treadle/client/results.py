@@ -2,7 +2,9 @@
 
 A request may ask for n samples of its prompt: its events then interleave the
 samples' (each event's `index` says whose), every sample ends with its own
-Finish, and its Result holds every sample.
+Finish, and its Result holds every sample. A chat that offered tools gets the
+calls a sample made in its Finish's `tool_calls` (`call_arguments()` parses one's
+arguments); the sample's text is then what it wrote before its first call.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from treadle.api.outcome import FinishReason, TokenLogprob, Usage
+from treadle.api.tools import ToolCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,9 @@ class Finish:
     error_code: int = 0  # gRPC status code number, for errors and some cancellations
     error_message: str = ""
     index: int = 0  # the sample that ended (0..n-1)
+    # the tools it called, parsed from its output; () when it made no call (the reason
+    # stays EOS when the model ends after its calls)
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 Event = TokenChunk | Finish
@@ -59,12 +65,16 @@ class SampleResult:
     def usage(self) -> Usage:
         return self.finish.usage
 
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self.finish.tool_calls
+
 
 @dataclass(frozen=True, slots=True)
 class Result:
     """A whole generation: `samples` holds every sample in index order (one when n = 1);
-    the text, tokens, logprobs and finish are sample 0's, so code for one sample reads
-    them as they are."""
+    the text, tokens, logprobs, finish and tool calls are sample 0's, so code for one
+    sample reads them as they are."""
 
     request_id: str
     samples: tuple[SampleResult, ...]  # at least one
@@ -97,6 +107,10 @@ class Result:
     @property
     def usage(self) -> Usage:
         return self.finish.usage
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self.finish.tool_calls
 
 
 class SampleCollector:
@@ -161,3 +175,5 @@ class ModelInfo:
     max_response_format_choices: int  # entries of a choice format
     response_format_compile_seconds: float  # a format the server compiles longer is refused
     response_format_types: tuple[str, ...]  # the formats it accepts; () = no structured output
+    max_tools: int  # tools of one chat; 0 = a server without tool calling
+    max_tools_bytes: int  # UTF-8 bytes of a chat's tools (names, descriptions, parameters)

@@ -6,14 +6,16 @@ from typing import Any
 
 from treadle.v1 import treadle_pb2 as pb
 
+from ..api.bounded_json import JsonLimitError, loads_bounded
+from ..api.checks import ParameterError, check_tools
 from ..api.limits import RequestLimits
 from ..api.outcome import FinishReason, TokenLogprob, Usage
 from ..api.params import RESPONSE_FORMAT_TYPES, ResponseFormat
+from ..api.tools import Tool, ToolCall, ToolChoice
 from ..scheduler.errors import ValidationError
 from ..scheduler.events import FinishEvent, TokenEvent
 from ..scheduler.generation_request import ChatMessage, GenerationRequest, PluginRequest
 from ..scheduler.validation import check_request_id
-from ..api.bounded_json import JsonLimitError, loads_bounded
 
 # The engine's parameter names that differ from the wire's; the others are the same words.
 _WIRE_FIELDS = {
@@ -38,7 +40,60 @@ def chat_from_proto(chat: pb.Chat, limits: RequestLimits) -> list[ChatMessage]:
             "chat.messages",
             f"at most {limits.max_chat_messages} messages (got {len(chat.messages)})",
         )
-    return [ChatMessage(role=m.role, content=m.content) for m in chat.messages]
+    return [
+        ChatMessage(
+            role=m.role,
+            content=m.content,
+            tool_calls=tuple(call_from_proto(c) for c in m.tool_calls),
+            tool_call_id=m.tool_call_id,
+        )
+        for m in chat.messages
+    ]
+
+
+def tools_from_proto(chat: pb.Chat, limits: RequestLimits) -> tuple[list[Tool], ToolChoice | None]:
+    """The chat's tools and tool choice (None: unset, i.e. auto when there are tools).
+
+    More than `limits.max_tools` tools are refused unconverted; then the counts, sizes,
+    names and choice are checked (check_tools), naming `chat.tools[...]` or
+    `chat.tool_choice`. Whether each `parameters` is a JSON Schema object is the
+    engine's to check.
+    """
+    if len(chat.tools) > limits.max_tools:
+        raise ValidationError(
+            "chat.tools", f"at most {limits.max_tools} tools (got {len(chat.tools)})"
+        )
+    tools = [Tool(t.name, t.description, t.parameters) for t in chat.tools]
+    choice = tool_choice_from_proto(chat)
+    try:
+        check_tools(tools, choice, limits, field="chat.tools")
+    except ParameterError as exc:
+        raise ValidationError(exc.field, exc.detail) from exc
+    return tools, choice
+
+
+def tool_choice_from_proto(chat: pb.Chat) -> ToolChoice | None:
+    """The chat's ToolChoice: its mode's name without `MODE_`, lower case (MODE_FUNCTION
+    -> "function"); None when unset or MODE_UNSPECIFIED. A mode this server does not
+    know, or a `function` given with another mode, is refused naming chat.tool_choice."""
+    wire = chat.tool_choice
+    if wire.function and wire.mode != pb.ToolChoice.MODE_FUNCTION:
+        raise ValidationError("chat.tool_choice", "function is only for mode MODE_FUNCTION")
+    if wire.mode == pb.ToolChoice.MODE_UNSPECIFIED:
+        return None
+    try:
+        mode = pb.ToolChoice.Mode.Name(wire.mode)
+    except ValueError:
+        raise ValidationError("chat.tool_choice", f"unknown mode {wire.mode}") from None
+    return ToolChoice(mode.removeprefix("MODE_").lower(), wire.function)
+
+
+def call_from_proto(call: pb.ToolCall) -> ToolCall:
+    return ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+
+
+def call_to_proto(call: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
 
 
 def request_from_proto(
@@ -49,7 +104,8 @@ def request_from_proto(
     Raises ValidationError for what only the wire format can get wrong (a
     request id over its byte limit, too many chat messages or plugins, plugin
     arguments that are not a bounded JSON object, a response format with none
-    of its kinds set); the engine checks the rest.
+    of its kinds set, tools or a tool choice that break check_tools); the
+    engine checks the rest.
     """
     if msg.request_id:
         check_request_id(msg.request_id, limits)
@@ -59,9 +115,14 @@ def request_from_proto(
         raise ValidationError(
             "plugins", f"at most {limits.max_plugins} plugins (got {len(msg.plugins)})"
         )
+    is_chat = input_kind == "chat"
+    messages = chat_from_proto(msg.chat, limits) if is_chat else None
+    tools, tool_choice = tools_from_proto(msg.chat, limits) if is_chat else ([], None)
     return GenerationRequest(
         prompt=msg.prompt if input_kind == "prompt" else None,
-        messages=chat_from_proto(msg.chat, limits) if input_kind == "chat" else None,
+        messages=messages,
+        tools=tools,
+        tool_choice=tool_choice,
         prompt_token_ids=list(msg.token_ids.ids) if input_kind == "token_ids" else None,
         max_new_tokens=t.max_new_tokens if t.HasField("max_new_tokens") else None,
         min_new_tokens=t.min_new_tokens,
@@ -168,6 +229,7 @@ def finish_to_proto(event: FinishEvent, error_code: int) -> pb.Finish:
         stop_sequence=event.stop_sequence or "",
         usage=usage_to_proto(event.usage),
         index=event.index,
+        tool_calls=[call_to_proto(c) for c in event.tool_calls],
     )
     if event.message is not None or event.reason is FinishReason.ERROR:
         finish.error.CopyFrom(pb.Error(code=error_code, message=event.message or ""))
