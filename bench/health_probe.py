@@ -95,7 +95,7 @@ async def probe(args: argparse.Namespace, target: str) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     command = [sys.executable, "-m", "treadle.client.cli", "serve", "--host", "127.0.0.1"]
-    command += ["--port", "0", "--metrics-port", "-1"]
+    command += ["--port", "0", "--metrics-port", "-1", "--http-port", "-1"]
     server = await start_server(command, server_env(os.environ, None), progress, timeout_s=600)
     try:
         async with grpc.aio.insecure_channel(server.target) as channel:

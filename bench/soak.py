@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def serve_args(args: argparse.Namespace) -> list[str]:
     command = [sys.executable, "-m", "treadle.client.cli", "serve", "--host", "127.0.0.1"]
-    command += ["--port", "0", "--metrics-port", "0", "--log-level", "INFO"]
+    command += ["--port", "0", "--metrics-port", "0", "--http-port", "-1", "--log-level", "INFO"]
     if args.model:
         command += ["--model", args.model]
     for flag, value in (

@@ -126,7 +126,8 @@ def test_images_agree_with_each_other_and_with_the_pods(rendered: Rendered) -> N
         # exec form: the server is PID 1 and gets SIGTERM itself (a shell would swallow it)
         assert final.entrypoint == ["treadle", "serve"] and final.cmd == []
         assert int(final.user.split(":")[0]) != 0
-        assert final.expose == [final.env["TREADLE_PORT"], final.env["TREADLE_METRICS_PORT"]]
+        ports = ("TREADLE_PORT", "TREADLE_HTTP_PORT", "TREADLE_METRICS_PORT")
+        assert final.expose == [final.env[p] for p in ports]
         # the model converted at build time is where the server looks for it at run time
         cache = final.env["TREADLE_CACHE_DIR"]
         assert build.env["TREADLE_CACHE_DIR"] == cache
@@ -283,6 +284,7 @@ async def test_entrypoint_serves_with_the_pods_environment(
         "PATH": env["PATH"].replace(venv, str(VENV_BIN), 1),
         "TREADLE_HOST": "127.0.0.1",
         "TREADLE_PORT": "0",
+        "TREADLE_HTTP_PORT": "0",
         "TREADLE_METRICS_PORT": "0",
         "TREADLE_CACHE_DIR": str(tmp_path / "cache"),
         "HF_HOME": str(tmp_path / "hf"),

@@ -124,7 +124,11 @@ def test_probes_ports_and_drain_fit_the_server(rendered: Rendered, variant: str)
     image = parse_dockerfile(DOCKERFILES["cpu" if variant == "cpu" else "cuda"])[-1]
     env = image.env | config_env(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(env["TREADLE_PORT"]), "metrics": int(env["TREADLE_METRICS_PORT"])}
+    assert ports == {
+        "grpc": int(env["TREADLE_PORT"]),
+        "http": int(env["TREADLE_HTTP_PORT"]),
+        "metrics": int(env["TREADLE_METRICS_PORT"]),
+    }
 
     # gRPC health probes on the server's port: readiness on the Generation service, liveness
     # and startup on "" (the server reports both; NOT_SERVING while loading and draining).
@@ -198,7 +202,7 @@ def test_services_monitor_budget_and_policy_select_the_pods(
             assert port["targetPort"] in container_ports and port["name"] == port["targetPort"]
     assert services["treadle-headless"]["spec"]["clusterIP"] == "None"
     assert {p["name"] for p in services["treadle-headless"]["spec"]["ports"]} == {"grpc"}
-    assert {p["name"] for p in services["treadle"]["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in services["treadle"]["spec"]["ports"]} == {"grpc", "http", "metrics"}
 
     # Prometheus scrapes through exactly one Service (two would count every replica twice).
     monitor = only(docs, "ServiceMonitor")["spec"]

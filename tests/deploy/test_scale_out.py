@@ -87,7 +87,8 @@ async def test_sigterm_drains_one_replica_while_the_other_takes_new_requests(
     # one torch thread each: two replicas share this machine's cores
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     serve = [sys.executable, "-m", "treadle.client.cli", "serve", "--host", "127.0.0.1"]
-    flags = ["--port", "0", "--metrics-port", "0", "--max-batch-rows", str(ROWS)]
+    flags = ["--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    flags += ["--max-batch-rows", str(ROWS)]
     servers = [
         await ServeProcess.start(
             [*serve, *flags, "--grace-period", "60", "--model", str(model)], env, f"replica {i}"

@@ -97,7 +97,7 @@ async def start_gated(model_dir: Path, gate: Gate, *args: str) -> ServeProcess:
     path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     return await start_process(
         *("--model", str(model_dir), "--host", "127.0.0.1", "--port", "0"),
-        *("--metrics-port", "-1", "--grace-period", "60"),
+        *("--metrics-port", "-1", "--http-port", "-1", "--grace-period", "60"),
         *("--plugin", "step_gate=e2e.test_drain:StepGate", *args),
         env={"PYTHONPATH": path, GATE_FD: str(gate.read_fd)},
         pass_fds=(gate.read_fd,),

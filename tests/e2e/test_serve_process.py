@@ -37,7 +37,7 @@ SERVE = [sys.executable, "-m", "treadle.client.cli", "serve"]
 
 def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `treadle serve` on loopback with metrics off, to completion (bounded)."""
-    command = [*SERVE, "--host", "127.0.0.1", "--metrics-port", "-1", *args]
+    command = [*SERVE, "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "-1", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -146,7 +146,7 @@ def test_a_dead_step_thread_ends_the_process_with_70(tiny_model_dir: Path) -> No
     )
     command = [sys.executable, "-c", launcher, "serve", "--host", "127.0.0.1", "--port", "0"]
     done = subprocess.run(
-        [*command, "--metrics-port", "-1", "--model", str(tiny_model_dir)],
+        [*command, "--metrics-port", "-1", "--http-port", "-1", "--model", str(tiny_model_dir)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -67,22 +67,23 @@ def test_none_is_unconstrained() -> None:
 
 
 def test_parse_calls() -> None:
-    calls = parse_calls(f"{WEATHER}\n\n{NOW}\n")
-    assert calls is not None
+    calls, end = parse_calls(f"{WEATHER}\n\n{NOW}\n")
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}),
         ("now", {}),
     ]
+    assert end == len(WEATHER) + len(NOW) + 3
+    calls, end = parse_calls(f"{WEATHER}\n{NOW[:-3]}")  # the second call cut short
+    assert [c.name for c in calls] == ["get_weather"] and end == len(WEATHER) + 1
     for bad in (
         WEATHER[:-3],  # cut inside the closing marker
-        f"{WEATHER} and then text",
         '<tool_call>{"name": "x"}</tool_call>',  # no arguments
         '<tool_call>{"name": "x", "arguments": [1]}</tool_call>',
         '<tool_call>{"name": "x", "arguments": {}, "extra": 1}</tool_call>',
         "<tool_call>" + "[" * 100_000,
         "",
     ):
-        assert parse_calls(bad) is None, bad
+        assert parse_calls(bad) == ((), 0), bad
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 100])

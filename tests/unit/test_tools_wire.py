@@ -288,3 +288,13 @@ async def test_a_function_choice_ends_with_one_call_of_that_tool(tiny: LoadedMod
     (call,) = result.tool_calls
     assert call.name == "get_weather" and call.id.startswith("call_")
     assert call_arguments(call)["city"] in ("Paris", "Oslo")
+
+
+async def test_tokenize_renders_the_tools_as_generate_does(served: Served) -> None:
+    chat = [{"role": "user", "content": "Weather in Oslo?"}]
+    weather = tool("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}})
+    async with AsyncClient(served.target, timeout=60) as client:
+        plain = await client.tokenize(chat)
+        with_tools = await client.tokenize(chat, tools=[weather])
+    text = served.engine.inputs.tokenizer.decode(with_tools)
+    assert len(with_tools) > len(plain) and '"name": "get_weather"' in text

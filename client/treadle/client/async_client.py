@@ -176,13 +176,25 @@ class AsyncClient:
         self.response_format_types = info.response_format_types
         return info
 
-    async def tokenize(self, prompt: Prompt, timeout: float | None = None) -> list[int]:
-        """The token ids the server would generate from for `prompt`."""
-        request = (
-            pb.TokenizeRequest(prompt=prompt)
-            if isinstance(prompt, str)
-            else pb.TokenizeRequest(chat=chat_to_proto(prompt))
-        )
+    async def tokenize(
+        self,
+        prompt: Prompt,
+        timeout: float | None = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
+    ) -> list[int]:
+        """The token ids the server would generate from for `prompt` (a chat rendered with
+        `tools`, as `generate` would)."""
+        if isinstance(prompt, str):
+            if tools:
+                raise InvalidArgument("chat.tools: is for a chat input only", field="chat.tools")
+            request = pb.TokenizeRequest(prompt=prompt)
+        else:
+            try:
+                tool_list, choice = chat_tools(tools, tool_choice, self.limits)
+                request = pb.TokenizeRequest(chat=chat_to_proto(prompt, tool_list, choice))
+            except ParameterError as exc:
+                raise InvalidArgument(str(exc), field=exc.field) from None
         response = await self._unary(self.stub.Tokenize, request, timeout)
         return list(response.token_ids)
 

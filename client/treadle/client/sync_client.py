@@ -19,6 +19,7 @@ from .results import Event, ModelInfo, Result
 from .retry import RetryPolicy
 from .session import AsyncSession, SessionRequest
 from .streams import ResponseStream
+from .tools import ToolChoiceLike, ToolLike
 
 T = TypeVar("T")
 
@@ -170,8 +171,14 @@ class Client:
     def model_info(self, timeout: float | None = None) -> ModelInfo:
         return self._loop.run(self._async.model_info(timeout))
 
-    def tokenize(self, prompt: Prompt, timeout: float | None = None) -> list[int]:
-        return self._loop.run(self._async.tokenize(prompt, timeout))
+    def tokenize(
+        self,
+        prompt: Prompt,
+        timeout: float | None = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
+    ) -> list[int]:
+        return self._loop.run(self._async.tokenize(prompt, timeout, tools, tool_choice))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         return self._loop.run(self._async.health(service, timeout))

@@ -105,27 +105,26 @@ def call_grammar(tools: Sequence[ToolSpec], choice: ToolChoice) -> str | None:
     return start + rest
 
 
-def parse_calls(text: str) -> tuple[ToolCall, ...] | None:
-    """The calls in `text` (which starts with the opening marker: the output from its
-    first call on), or None when it is not calls only: whitespace, then one or more
-    `<tool_call> {"name": str, "arguments": object} </tool_call>`."""
+def parse_calls(text: str) -> tuple[tuple[ToolCall, ...], int]:
+    """The complete calls at the start of `text` (the output from its first opening marker
+    on) and where they end: whitespace, then any number of `<tool_call> {"name": str,
+    "arguments": object} </tool_call>`. What follows them (a call cut short, say) is
+    not a call."""
     decoder = json.JSONDecoder()
-    calls = []
-    at = _skip_space(text, 0)
-    while at < len(text):
-        if not text.startswith(OPEN, at):
-            return None
+    calls: list[ToolCall] = []
+    end = at = _skip_space(text, 0)
+    while text.startswith(OPEN, at):
         try:
             body, at = decoder.raw_decode(text, _skip_space(text, at + len(OPEN)))
         except (ValueError, RecursionError):
-            return None
+            break
         at = _skip_space(text, at)
         if not text.startswith(CLOSE, at) or not _is_call(body):
-            return None
+            break
         arguments = json.dumps(body["arguments"], ensure_ascii=False)
         calls.append(ToolCall(id=new_call_id(), name=body["name"], arguments=arguments))
-        at = _skip_space(text, at + len(CLOSE))
-    return tuple(calls) if calls else None
+        end = at = _skip_space(text, at + len(CLOSE))
+    return tuple(calls), end if calls else 0
 
 
 def new_call_id() -> str:

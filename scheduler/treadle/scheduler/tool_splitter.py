@@ -12,8 +12,8 @@ class ToolCallSplitter:
 
     Text that could be the start of the marker is held back until the next delta
     tells; from the marker on nothing is released. When the request ends, the
-    kept text is parsed into calls; if it is not calls only (the output was cut
-    inside one, say), it is released as text instead, so nothing is lost.
+    kept text is parsed into calls; what follows the last complete call (a call
+    cut short by max_new_tokens, say) is released as text, so nothing is lost.
     """
 
     def __init__(self) -> None:
@@ -39,6 +39,6 @@ class ToolCallSplitter:
         if self.calls_text is None:
             text, self.pending = self.pending, ""
             return text, ()
-        calls = parse_calls(self.calls_text)
-        text, self.calls_text = ("", self.calls_text) if calls else (self.calls_text, None)
-        return text, calls or ()
+        calls, end = parse_calls(self.calls_text)
+        text, self.calls_text = self.calls_text[end:], None
+        return text, calls

@@ -1,4 +1,6 @@
-"""Bearer-token authentication for every RPC but health checks and reflection."""
+"""Bearer-token authentication: the token check both frontends share, and the gRPC interceptor
+that applies it to every RPC but health checks and reflection (the HTTP frontend applies it
+to every route but its probes, in http/app.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,26 @@ import grpc
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+class BearerToken:
+    """The one token every call must carry as `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def accepts(self, authorization: str | bytes | None) -> bool:
+        """Whether an `authorization` header (metadata) value carries the token; compared
+        in constant time. None (no header) is refused."""
+        if authorization is None:
+            return False
+        given = authorization.encode() if isinstance(authorization, str) else bytes(authorization)
+        return hmac.compare_digest(given, self._expected)
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = BearerToken(token)
 
     async def intercept_service(
         self,
@@ -32,8 +49,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata:
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
+                return self._token.accepts(value)
         return False
 
 

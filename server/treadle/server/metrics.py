@@ -8,6 +8,10 @@ Tokens are counted per sample (a request asking for n samples generates all
 of theirs); a request is counted once, however many samples it has: the
 request-level figures (finished requests, prompt tokens, latencies) come from
 the finish of its sample 0, which every request has.
+
+Two frontends (gRPC and the OpenAI-compatible HTTP) feed one registry: the
+`treadle_frontend_*` series carry a `frontend` label ("grpc", "http"); the
+older series are left as they were (`treadle_errors_total{code}` counts both).
 """
 
 from __future__ import annotations
@@ -115,6 +119,18 @@ class ServerMetrics:
             ["code"],
             registry=r,
         )
+        self.frontend_requests = Counter(
+            "treadle_frontend_requests",
+            "Requests accepted (queued), by frontend.",
+            ["frontend"],
+            registry=r,
+        )
+        self.frontend_errors = Counter(
+            "treadle_frontend_errors",
+            "Requests refused or failed, by frontend and gRPC status code.",
+            ["frontend", "code"],
+            registry=r,
+        )
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._kv_blocks = 0  # the pool's, once attached
         self._lock = threading.Lock()
@@ -154,9 +170,16 @@ class ServerMetrics:
                 self.ttft.observe(usage.time_to_first_token_seconds)
                 self.queue_time.observe(usage.queue_seconds)
 
-    def count_error(self, code_name: str) -> None:
-        """A request refused or failed with this status code (e.g. "INVALID_ARGUMENT")."""
+    def count_request(self, frontend: str = "grpc") -> None:
+        """A request accepted through `frontend` ("grpc" or "http")."""
+        self.frontend_requests.labels(frontend=frontend).inc()
+
+    def count_error(self, code_name: str, frontend: str = "grpc") -> None:
+        """A request refused or failed with this status code (e.g. "INVALID_ARGUMENT"),
+        through `frontend` ("grpc" or "http"; an HTTP error counts under the gRPC code
+        of the same meaning, so alerts on codes cover both)."""
         self.errors.labels(code=code_name).inc()
+        self.frontend_errors.labels(frontend=frontend, code=code_name).inc()
 
     def _observe_rate(self, tokens: int) -> None:
         """Record a step's tokens; pruned here too, so an unscraped server holds one window."""

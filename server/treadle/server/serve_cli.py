@@ -113,6 +113,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("--host", str, "0.0.0.0", "address to listen on"),
         ("--port", int, 50051, "gRPC port; 0 picks a free one"),
         (
+            "--http-port",
+            int,
+            8000,
+            "port of the OpenAI-compatible HTTP API (/v1/chat/completions, ...); "
+            "-1 = off, 0 picks a free one",
+        ),
+        (
+            "--http-host",
+            str,
+            None,
+            "address the HTTP API listens on (default: the --host value)",
+        ),
+        (
             "--metrics-host",
             str,
             None,
@@ -191,8 +204,8 @@ def serve_main(argv: list[str]) -> NoReturn:
     """`treadle serve ARGS...`: parse the flags (usage errors exit 2) and serve."""
     parser = argparse.ArgumentParser(
         prog="treadle serve",
-        description="Serve a model over gRPC. Every flag can also be set by the environment "
-        "variable named in its help.",
+        description="Serve a model over gRPC and OpenAI-compatible HTTP. Every flag can also "
+        "be set by the environment variable named in its help.",
     )
     add_serve_arguments(parser)
     run_serve(parser.parse_args(argv))

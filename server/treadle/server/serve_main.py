@@ -130,4 +130,6 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         auth_token=token,
         max_connection_age=args.max_connection_age or None,
         max_concurrent_streams=args.max_concurrent_streams or None,
+        http_port=None if args.http_port < 0 else args.http_port,
+        http_host=args.http_host,
     )

@@ -1,15 +1,17 @@
-"""The gRPC server: Generation, grpc.health.v1, reflection, /metrics; start, serve, drain.
+"""The server: gRPC (Generation, grpc.health.v1, reflection), the OpenAI-compatible HTTP
+frontend, /metrics; start, serve, drain.
 
 Lifecycle:
   start()        bind the gRPC port (health answers NOT_SERVING, Generation
-                 answers UNAVAILABLE) and the metrics port;
+                 answers UNAVAILABLE), the HTTP port (/ready and the API answer
+                 503) and the metrics port;
   serve(engine)  start the engine, warm it up, attach the metrics, then SERVING;
                  if the engine's step thread dies, health turns NOT_SERVING
                  and `failed` is set;
-  lame_duck()    NOT_SERVING, refuse new requests (UNAVAILABLE), let running
-                 ones finish for the grace period, cancel the rest (each gets
-                 its terminal event); the gRPC server keeps answering;
-  close()        stop the gRPC server and release the port;
+  lame_duck()    NOT_SERVING, refuse new requests (UNAVAILABLE; HTTP 503), let
+                 running ones finish for the grace period, cancel the rest (each
+                 gets its terminal event); both servers keep answering;
+  close()        stop the HTTP and gRPC servers and release the ports;
   drain()        lame_duck() then close().
 
 gRPC core cancels (CANCELLED) calls that reach a server while it stops, so a
@@ -39,6 +41,8 @@ from ..scheduler.engine import Engine
 from ..scheduler.generation_request import GenerationRequest
 from .auth import BearerTokenInterceptor
 from .call_tracker import CallTracker
+from .http.app import HttpFrontend
+from .http.listener import HttpListener, HttpTls
 from .metrics import ServerMetrics
 from .service import GenerationService, service_names
 
@@ -69,6 +73,10 @@ class ServerConfig:
     auth_token: str | None = None  # bearer token required on every call but health
     max_connection_age: float | None = 300.0  # seconds; clients then reconnect and re-resolve
     max_concurrent_streams: int | None = 256  # calls at once per client connection; None: no cap
+    # The OpenAI-compatible HTTP frontend: None turns it off (the default in-process;
+    # `treadle serve` listens on 8000 unless told otherwise); 0 picks a free port.
+    http_port: int | None = None
+    http_host: str | None = None  # None: the `host` value
 
 
 class TreadleServer:
@@ -78,6 +86,9 @@ class TreadleServer:
         self.config = config
         self.metrics = ServerMetrics(model_name)
         self.service = GenerationService(self.metrics, config.max_request_bytes)
+        self.http = HttpFrontend(self.metrics, config.max_request_bytes, config.auth_token)
+        self.http_port: int | None = None  # the bound HTTP port, once started
+        self._http_listener: HttpListener | None = None
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.port = 0  # the bound gRPC port, once started
@@ -114,6 +125,8 @@ class TreadleServer:
             raise ServerStartError(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:
             raise ServerStartError(f"cannot listen on {address}: the port is taken")
+        if self.config.http_port is not None:
+            self._start_http()
         await server.start()
         self._server = server
         if self.config.metrics_port is not None:
@@ -131,6 +144,13 @@ class TreadleServer:
         log.info(
             "listening on %s:%d (%s)%s", self.config.host, self.port, self._security(), metrics
         )
+        if self._http_listener is not None:
+            log.info(
+                "OpenAI-compatible HTTP on %s:%d (%s)",
+                self._http_listener.host,
+                self.http_port,
+                "HTTPS" if self.config.tls_cert else "plain HTTP",
+            )
 
     async def serve(self, engine: Engine) -> None:
         """Start `engine`, warm it up, attach the metrics, then report SERVING.
@@ -148,6 +168,7 @@ class TreadleServer:
         await _warm_up(engine)
         self.metrics.attach(engine)  # after the warm-up: nobody has called yet
         self.service.engine = engine
+        await self.http.attach(engine)
         if self.failed.is_set():  # died during the warm-up
             return
         await self._set_health(SERVING)
@@ -167,6 +188,7 @@ class TreadleServer:
             self.engine.stop_accepting()  # first: nothing is admitted once NOT_SERVING shows
         await self._set_health(NOT_SERVING)
         answering = self.calls.snapshot()
+        answering_http = self.http.requests.snapshot()
         grace = 0.0 if self.failed.is_set() else self.config.grace_period
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + grace
@@ -176,7 +198,11 @@ class TreadleServer:
         # Every request has its terminal event; the calls open at the start (a Session, say)
         # may go on until the grace period ends, and get at least _FLUSH_S to send their last.
         flush = max(_FLUSH_S, grace_ends - loop.time())
-        if not await self.calls.wait_closed(answering, flush):
+        closed = await asyncio.gather(
+            self.calls.wait_closed(answering, flush),
+            self.http.requests.wait_closed(answering_http, flush),
+        )
+        if not all(closed):
             log.warning("calls still open %.0f s after the drain; they end now", flush)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -185,7 +211,11 @@ class TreadleServer:
         log.info("drained")
 
     async def close(self) -> None:
-        """Stop the gRPC server and release the port (calls arriving meanwhile may be CANCELLED)."""
+        """Stop the HTTP and gRPC servers and release the ports (gRPC calls arriving
+        meanwhile may be CANCELLED)."""
+        if self._http_listener is not None:
+            await self._http_listener.close()
+            self._http_listener = None
         if self._server is not None:
             await self._server.stop(grace=2.0)
             self._server = None
@@ -255,6 +285,22 @@ class TreadleServer:
         if c.auth_token:
             parts.append("bearer token required")
         return ", ".join(parts)
+
+    def _start_http(self) -> None:
+        """Bind the HTTP port (TLS and client certificates as for gRPC) and start serving."""
+        c = self.config
+        assert c.http_port is not None
+        host = c.http_host or c.host
+        self._credentials()  # the TLS settings are checked as for gRPC, naming the flags
+        tls = HttpTls(c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls_cert and c.tls_key else None
+        listener = HttpListener(self.http.app, host, c.http_port, tls)
+        try:
+            listener.start()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            where = f"{host}:{c.http_port}"
+            raise ServerStartError(f"cannot listen for HTTP on {where}: {exc}") from exc
+        self._http_listener = listener
+        self.http_port = listener.port
 
     def _start_metrics(self) -> None:
         assert self.config.metrics_port is not None

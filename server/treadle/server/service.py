@@ -48,6 +48,7 @@ from .proto_convert import (
     refused_finish,
     rejected,
     request_from_proto,
+    tools_from_proto,
     wire_field,
 )
 from .samples import SampleFinishes, SampleResults
@@ -145,7 +146,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         deadline = None if remaining is None else max(remaining, 1e-3)
         limits = engine.info.limits
         gen = await asyncio.to_thread(request_from_proto, request, limits, deadline)
-        return await engine.open_stream(gen, max_backlog=limits.max_stream_backlog)
+        stream = await engine.open_stream(gen, max_backlog=limits.max_stream_backlog)
+        self.metrics.count_request("grpc")
+        return stream
 
     async def _open(self, request: pb.GenerateRequest, context: Any) -> tuple[EventStream, str]:
         try:
@@ -339,9 +342,13 @@ def _reported_limits(limits: RequestLimits) -> dict[str, Any]:
 def _tokenize(engine: Engine, request: pb.TokenizeRequest) -> tuple[list[int], list[str]]:
     """The token ids of a Tokenize input and their token strings (runs off the event loop)."""
     kind = request.WhichOneof("input")
+    limits = engine.info.limits
+    tools, tool_choice = tools_from_proto(request.chat, limits) if kind == "chat" else ([], None)
     gen = GenerationRequest(
         prompt=request.prompt if kind == "prompt" else None,
-        messages=chat_from_proto(request.chat, engine.info.limits) if kind == "chat" else None,
+        messages=chat_from_proto(request.chat, limits) if kind == "chat" else None,
+        tools=tools,
+        tool_choice=tool_choice,
     )
     return engine.tokenize(gen)
 
