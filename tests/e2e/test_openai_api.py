@@ -8,6 +8,7 @@ tests start their own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import shlex
@@ -43,6 +44,11 @@ def gate() -> Iterator[Gate]:
 QUESTION = "What is the capital of France?"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+# a 1x1 PNG
+TINY_PNG_HEX = (
+    "89504e470d0a1a0a0000000d49484452000000010000000108020000009077"
+    "53de0000000c4944415478da63f8cfc0000003010100c9fe92ef0000000049454e44ae426082"
+)
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +287,34 @@ def test_errors_are_the_clients_typed_exceptions(
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-none", messages=CHAT)
     assert missing.value.code == "model_not_found"
+
+
+def test_an_image_reaches_the_engine_and_a_url_is_refused(
+    server: OpenAIServer, client: openai.OpenAI
+) -> None:
+    """A data: URL image is decoded into the request and reaches the engine, which refuses
+    it for the tiny text-only model naming the part; the server fetches no http(s) URL."""
+    png = base64.b64encode(bytes.fromhex(TINY_PNG_HEX)).decode()
+    for url, param in (
+        (f"data:image/png;base64,{png}", "messages[0].content[1]"),  # the engine's refusal
+        ("https://example.com/cat.png", "messages[0].content[1]"),  # refused at the door
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=server.model,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is in the picture?"},
+                            {"type": "image_url", "image_url": {"url": url}},
+                        ],
+                    }
+                ],
+                max_tokens=4,
+            )
+        assert (refused.value.status_code, refused.value.param) == (400, param), url
+    assert "fetches no URL" in refused.value.message
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ def engine_info(limits: RequestLimits, types: tuple[str, ...]) -> EngineInfo:
         max_prompt_chars=1000,
         plugins=(),
         has_chat_template=False,
+        accepts_images=False,
         response_format_types=types,
         limits=limits,
     )

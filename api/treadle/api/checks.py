@@ -50,6 +50,9 @@ def check_params(p: GenerationParams, limits: RequestLimits | None = None) -> No
         check_count("seed", p.seed, 0, MAX_SEED)
     for token, bias in p.logit_bias.items():
         check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
+    for i, seq in enumerate(p.stop_token_sequences):
+        if not seq:
+            raise ParameterError(f"stop_token_sequences[{i}]", "must not be empty")
     for i, ids in enumerate(p.bad_words_ids):
         if not ids:
             raise ParameterError(f"bad_words_ids[{i}]", "must not be empty")
@@ -94,6 +97,14 @@ def check_limits(p: GenerationParams, lim: RequestLimits) -> None:
                 f"stop[{i}]", f"is longer than {lim.max_stop_string_chars} characters"
             )
     _check_most("stop_token_ids", len(p.stop_token_ids), lim.max_stop_token_ids, "ids")
+    _check_most(
+        "stop_token_sequences",
+        len(p.stop_token_sequences),
+        lim.max_stop_token_sequences,
+        "sequences",
+    )
+    for i, seq in enumerate(p.stop_token_sequences):
+        _check_most(f"stop_token_sequences[{i}]", len(seq), lim.max_stop_token_sequence_len, "ids")
     _check_most(
         "bad_words",
         len(p.bad_words) + len(p.bad_words_ids),

@@ -18,6 +18,8 @@ class RequestLimits:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
+    max_stop_token_sequences: int = 16
+    max_stop_token_sequence_len: int = 64  # tokens in each
     max_bad_words: int = 256  # bad_words + bad_words_ids entries
     max_bad_word_chars: int = 256  # each bad word, before it is tokenized
     max_bad_words_tokens: int = 4096  # all bad-word sequences together, variants included
@@ -34,6 +36,9 @@ class RequestLimits:
     response_format_compile_seconds: float = 10.0  # a grammar taking longer is refused
     max_tools: int = 128  # tools offered by one chat
     max_tools_bytes: int = 131072  # their names, descriptions and parameters, UTF-8
+    max_images: int = 8  # images in one request's chat
+    max_image_bytes: int = 4 * 2**20  # each image, encoded
+    max_image_pixels: int = 4096 * 4096  # each image, decoded (width x height)
     max_request_id_bytes: int = 256  # UTF-8 bytes; the id is echoed in every event
     max_prompt_chars: int | None = None  # prompt or chat characters; None: derived (below)
     max_chat_messages: int = 1024

@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .images import ContentPart
 from .tools import ToolCall
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: str  # "system", "user", "assistant", "tool", ...
-    content: str
+    content: str  # the text; "" when `parts` gives the content
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant message: the calls it made
     tool_call_id: str = ""  # a "tool" message: the id of the call it answers
+    parts: tuple[ContentPart, ...] = ()  # text and images in order, instead of `content`
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,8 @@ class GenerationParams:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)  # stop strings, matched across tokens
     stop_token_ids: list[int] = field(default_factory=list)
+    # token-id sequences that end the output (like stop strings, matched on ids; held back)
+    stop_token_sequences: list[list[int]] = field(default_factory=list)
     include_stop_in_output: bool = False  # keep the matched stop string / token text
     max_time: float | None = None  # seconds of generation before finishing with time_limit
 

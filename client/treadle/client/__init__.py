@@ -5,6 +5,7 @@ with Client("localhost:50051") as client:
     print(client.generate("Hello", max_new_tokens=16).text)
 """
 
+from ..api.images import ImagePart, TextPart
 from ..api.limits import RequestLimits
 from ..api.outcome import FinishReason, Usage
 from ..api.params import ChatMessage, GenerationParams, PluginRequest, ResponseFormat
@@ -23,6 +24,7 @@ from .errors import (
     Unavailable,
 )
 from .formats import choice, grammar, json_object, json_schema, regex
+from .images import image
 from .results import Event, Finish, ModelInfo, Result, SampleResult, TokenChunk
 from .retry import RetryPolicy
 from .sync_client import Client
@@ -38,6 +40,7 @@ __all__ = [
     "Finish",
     "FinishReason",
     "GenerationParams",
+    "ImagePart",
     "InternalError",
     "InvalidArgument",
     "ModelInfo",
@@ -49,6 +52,7 @@ __all__ = [
     "Result",
     "RetryPolicy",
     "SampleResult",
+    "TextPart",
     "TlsConfig",
     "TokenChunk",
     "Tool",
@@ -61,6 +65,7 @@ __all__ = [
     "call_arguments",
     "choice",
     "grammar",
+    "image",
     "json_object",
     "json_schema",
     "regex",

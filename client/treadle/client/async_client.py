@@ -14,10 +14,12 @@ from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
 from ..api.checks import ParameterError, check_params
 from ..api.limits import RequestLimits
-from ..api.params import GenerationParams
+from ..api.params import ChatMessage, GenerationParams
 from .connection import Connection, TlsConfig
 from .convert import (
+    Message,
     Prompt,
+    chat_messages,
     chat_to_proto,
     model_info_from_proto,
     request_to_proto,
@@ -25,6 +27,7 @@ from .convert import (
 )
 from .errors import InvalidArgument, error_from_rpc
 from .formats import check_format_accepted
+from .images import check_images
 from .results import ModelInfo, Result
 from .retry import RetryPolicy
 from .session import AsyncSession
@@ -50,9 +53,12 @@ class AsyncClient:
     see `treadle.client.formats`). A chat may offer `tools=` (Tool, `tool()`, or
     OpenAI-style dicts) with a `tool_choice=` ("none", "auto", "required" or a
     tool's name); the calls come back in `Result.tool_calls` / `Finish.tool_calls`
-    (see `treadle.client.tools`). Parameters are checked before anything is
-    sent (InvalidArgument with the server's own messages; after `model_info()`,
-    also against the server's limits and the response formats it accepts).
+    (see `treadle.client.tools`). A message's content may be a list of text and
+    image parts (`image()`, see `treadle.client.images`), for a model that
+    accepts images. Parameters are checked before anything is sent
+    (InvalidArgument with the server's own messages; after `model_info()`, also
+    against the server's limits, the response formats it accepts and whether its
+    model accepts images).
     Errors are typed (see `treadle.client.errors`). `timeout` (seconds) applies per call, retries
     included. gRPC retries refused calls (UNAVAILABLE) per `retry`, within a
     retry budget shared by the client's calls, and only until the first
@@ -81,6 +87,8 @@ class AsyncClient:
         self.limits = limits  # per-request limits to check client-side (model_info() sets them)
         # the response_format types the server accepts; None: unknown (model_info() sets it)
         self.response_format_types: tuple[str, ...] | None = None
+        # whether the served model accepts images; None: unknown (model_info() sets it)
+        self.accepts_images: bool | None = None
         self._channel: grpc.aio.Channel | None = None
         self._probe: grpc.aio.Channel | None = None  # health checks: a plain channel
 
@@ -172,8 +180,14 @@ class AsyncClient:
             response_format_compile_seconds=info.response_format_compile_seconds,
             max_tools=info.max_tools,
             max_tools_bytes=info.max_tools_bytes,
+            max_images=info.max_images,
+            max_image_bytes=info.max_image_bytes,
+            max_image_pixels=info.max_image_pixels,
+            max_stop_token_sequences=info.max_stop_token_sequences,
+            max_stop_token_sequence_len=info.max_stop_token_sequence_len,
         )
         self.response_format_types = info.response_format_types
+        self.accepts_images = info.accepts_images
         return info
 
     async def tokenize(
@@ -191,8 +205,9 @@ class AsyncClient:
             request = pb.TokenizeRequest(prompt=prompt)
         else:
             try:
+                messages = self.chat_messages(prompt)
                 tool_list, choice = chat_tools(tools, tool_choice, self.limits)
-                request = pb.TokenizeRequest(chat=chat_to_proto(prompt, tool_list, choice))
+                request = pb.TokenizeRequest(chat=chat_to_proto(messages, tool_list, choice))
             except ParameterError as exc:
                 raise InvalidArgument(str(exc), field=exc.field) from None
         response = await self._unary(self.stub.Tokenize, request, timeout)
@@ -232,7 +247,7 @@ class AsyncClient:
         overrides: dict[str, Any],
     ) -> pb.GenerateRequest:
         """The checked wire request; raises InvalidArgument before anything is sent (a
-        malformed message, tool or tool choice, tools for an input that is not a chat).
+        malformed message, image, tool or tool choice, tools for an input that is not a chat).
 
         `overrides` are GenerationParams fields, and the chat's `tools` and `tool_choice`.
         """
@@ -254,12 +269,21 @@ class AsyncClient:
         try:
             check_params(p, self.limits)
             check_format_accepted(p.response_format, self.response_format_types)
+            if prompt is not None and not isinstance(prompt, str):
+                prompt = self.chat_messages(prompt)
             chat_tool_list, choice = chat_tools(tools, tool_choice, self.limits)
             return request_to_proto(
                 prompt, token_ids, p, request_id, tools=chat_tool_list, tool_choice=choice
             )
         except ParameterError as exc:
             raise InvalidArgument(str(exc), field=exc.field) from None
+
+    def chat_messages(self, messages: Sequence[Message]) -> list[ChatMessage]:
+        """A chat's messages as ChatMessages, their images checked (check_images); raises
+        ParameterError naming the wire field."""
+        converted = chat_messages(messages)
+        check_images(converted, self.limits, self.accepts_images)
+        return converted
 
     def _get_channel(self) -> grpc.aio.Channel:
         if self._channel is None:

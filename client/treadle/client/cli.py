@@ -20,6 +20,7 @@ from typing import Any
 
 from ..api.params import GenerationParams, PluginRequest
 from .format_flags import FlagError, add_format_arguments, response_format_from_args
+from .image_flags import add_image_arguments, images_from_args
 from .tool_flags import add_tool_arguments, tool_flags_from_args
 
 
@@ -42,11 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="send the prompt as a user message (chat template)"
     )
     generate.add_argument(
-        "--system", help="a system message (implies --chat, as --tools and --tool-choice do)"
+        "--system",
+        help="a system message (implies --chat, as --image, --tools and --tool-choice do)",
     )
     generate.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_image_arguments(generate, "the prompt (implies --chat)")
     chat = verbs.add_parser("chat", help="an interactive conversation (Ctrl-C stops an answer)")
     chat.add_argument("--system", help="a system message opening the conversation")
+    add_image_arguments(chat, "the first question")
     for p in (generate, chat):
         add_connection_arguments(p)
         add_param_arguments(p)
@@ -75,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """The arguments of a client verb, checked; a usage error exits 2 (argparse's way).
 
-    For generate and chat, `args.response_format` is the format its flags ask for and
-    `args.tool_flags` the tools and tool choice (their files read here, so an unreadable
-    one is a usage error naming its flag).
+    For generate and chat, `args.response_format` is the format its flags ask for,
+    `args.tool_flags` the tools and tool choice and `args.images` the --image files
+    (their files read here, so an unreadable one is a usage error naming its flag).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,6 +98,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             args.response_format = response_format_from_args(args, stdin_holds)
             tools_stdin = stdin_holds or ("the response format" if format_from_stdin else None)
             args.tool_flags = tool_flags_from_args(args, tools_stdin)
+            args.images = images_from_args(args)
         except FlagError as exc:
             parser.error(str(exc))
     return args
@@ -170,6 +175,15 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
         elif f.name == "bad_words_ids":
             group.add_argument(
                 flag, action="append", type=token_ids, metavar="ID,ID,...", help="repeatable"
+            )
+        elif f.name == "stop_token_sequences":
+            group.add_argument(
+                flag.removesuffix("s"),
+                dest=f.name,
+                action="append",
+                type=token_ids,
+                metavar="ID,ID,...",
+                help="token ids that end the output when it ends with them (repeatable)",
             )
         elif kind.startswith("list["):
             item = int if "int" in kind else str

@@ -19,6 +19,7 @@ from .cli import params_from_args
 from .connection import TlsConfig
 from .convert import Prompt
 from .errors import TreadleClientError, Unauthenticated
+from .image_flags import user_message
 from .results import Finish, Result, TokenChunk
 from .streams import raise_if_error
 from .sync_client import Client
@@ -46,11 +47,13 @@ def client_from_args(args: argparse.Namespace) -> Client:
 def generate(args: argparse.Namespace) -> int:
     """Stream one answer to stdout, then its tool calls (one JSON line each); the finish
     line goes to stderr. With -n N > 1, print each sample once all have finished,
-    labelled `[sample i]`."""
+    labelled `[sample i]`. With --image, the prompt is a user message holding the
+    images, then the text."""
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    messages = [*_opening(args.system), ChatMessage("user", prompt_text)]
+    messages = [*_opening(args.system), user_message(prompt_text, args.images)]
     tools: ToolFlags = args.tool_flags
-    prompt: Prompt = messages if (args.chat or args.system or tools.given) else prompt_text
+    as_chat = args.chat or args.system or tools.given or args.images
+    prompt: Prompt = messages if as_chat else prompt_text
     try:
         with client_from_args(args) as client:
             params = params_from_args(args)
@@ -80,7 +83,9 @@ def chat(args: argparse.Namespace) -> int:
 
     With --tools, an answer's calls are printed after its text (one JSON line each)
     and the result of each is asked for (`[name id] result> `); the model then
-    answers again with the results, until it answers without calls.
+    answers again with the results, until it answers without calls. The --image
+    files go with the first question (and are forgotten with it if it fails or is
+    stopped).
 
     Exits 1 if any question failed (at once for a refused token: every later
     question would fail the same way), 0 otherwise.
@@ -89,6 +94,7 @@ def chat(args: argparse.Namespace) -> int:
     # without job control starts background commands so, and children inherit it).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     messages = _opening(args.system)
+    images = list(args.images)  # for the next question
     failed = False
     try:
         client = client_from_args(args)
@@ -109,7 +115,8 @@ def chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             turn = len(messages)  # where this question's messages start
-            messages.append(ChatMessage("user", line))
+            messages.append(user_message(line, images))
+            images = []
             try:
                 answered = _chat_turn(client, messages, params, args.tool_flags)
             except TreadleClientError as exc:

@@ -9,9 +9,11 @@ from typing import Any
 from treadle.v1 import treadle_pb2 as pb
 
 from ..api.checks import ParameterError
+from ..api.images import ContentPart, TextPart
 from ..api.limits import RequestLimits
 from ..api.params import ChatMessage, GenerationParams, ResponseFormat
 from ..api.tools import Tool, ToolCall, ToolChoice
+from .images import as_parts
 from .results import (
     Finish,
     FinishReason,
@@ -35,7 +37,7 @@ def chat_to_proto(
 ) -> pb.Chat:
     """The wire Chat: the messages (see `chat_message`), the tools and the tool choice."""
     chat = pb.Chat(
-        messages=[message_to_proto(chat_message(m, i)) for i, m in enumerate(messages)],
+        messages=[message_to_proto(m) for m in chat_messages(messages)],
         tools=[
             pb.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in tools
         ],
@@ -45,26 +47,46 @@ def chat_to_proto(
     return chat
 
 
+def chat_messages(messages: Sequence[Message]) -> list[ChatMessage]:
+    """Every message as a ChatMessage (see `chat_message`)."""
+    return [chat_message(m, i) for i, m in enumerate(messages)]
+
+
 def chat_message(m: Message, index: int) -> ChatMessage:
     """A ChatMessage from a ChatMessage or a dict with "role" and "content" (None or absent:
-    empty, as in an assistant message that only calls tools), and optionally "tool_calls"
-    (each a ToolCall or a dict, see tools.as_call) and "tool_call_id". Raises
-    ParameterError naming `chat.messages[index]...` for a malformed one."""
+    empty, as in an assistant message that only calls tools; a list: text and image
+    parts, see `treadle.client.images`), and optionally "tool_calls" (each a ToolCall or
+    a dict, see tools.as_call) and "tool_call_id". Raises ParameterError naming
+    `chat.messages[index]...` for a malformed one."""
     if isinstance(m, ChatMessage):
         return m
     field = f"chat.messages[{index}]"
     role, content, call_id = m.get("role"), m.get("content") or "", m.get("tool_call_id") or ""
-    if not isinstance(role, str) or not isinstance(content, str) or not isinstance(call_id, str):
-        raise ParameterError(field, "role, content and tool_call_id must be strings")
+    if not isinstance(role, str) or not isinstance(call_id, str):
+        raise ParameterError(field, "role and tool_call_id must be strings")
     calls = m.get("tool_calls") or ()
     if isinstance(calls, str | Mapping):
         raise ParameterError(f"{field}.tool_calls", "must be a list of calls")
+    text, parts = content_of(content, field)
     return ChatMessage(
         role,
-        content,
+        text,
         tool_calls=tuple(as_call(c, f"{field}.tool_calls[{j}]") for j, c in enumerate(calls)),
         tool_call_id=call_id,
+        parts=parts,
     )
+
+
+def content_of(content: Any, field: str) -> tuple[str, tuple[ContentPart, ...]]:
+    """A message's (content, parts): a string, or a list of parts (a list of text parts
+    only is joined into one string, which every server and chat template takes)."""
+    if isinstance(content, str):
+        return content, ()
+    if not isinstance(content, Sequence):
+        raise ParameterError(f"{field}.content", "must be a string or a list of parts")
+    parts = as_parts(content, field)
+    texts = [p.text for p in parts if isinstance(p, TextPart)]
+    return ("".join(texts), ()) if len(texts) == len(parts) else ("", parts)
 
 
 def message_to_proto(m: ChatMessage) -> pb.ChatMessage:
@@ -73,7 +95,14 @@ def message_to_proto(m: ChatMessage) -> pb.ChatMessage:
         content=m.content,
         tool_calls=[call_to_proto(c) for c in m.tool_calls],
         tool_call_id=m.tool_call_id,
+        parts=[part_to_proto(p) for p in m.parts],
     )
+
+
+def part_to_proto(part: ContentPart) -> pb.ContentPart:
+    if isinstance(part, TextPart):
+        return pb.ContentPart(text=part.text)
+    return pb.ContentPart(image=pb.Image(data=part.data, mime_type=part.mime_type))
 
 
 def call_to_proto(call: ToolCall) -> pb.ToolCall:
@@ -129,6 +158,7 @@ def request_to_proto(
             ignore_eos=p.ignore_eos,
             stop=p.stop,
             stop_token_ids=p.stop_token_ids,
+            stop_token_sequences=[pb.TokenIds(ids=ids) for ids in p.stop_token_sequences],
             include_stop_in_output=p.include_stop_in_output,
             max_time_seconds=p.max_time,
         ),
@@ -267,4 +297,12 @@ def model_info_from_proto(info: pb.ModelInfoResponse) -> ModelInfo:
         # 0: a server that predates tool calling (it would ignore the tools)
         max_tools=info.max_tools,
         max_tools_bytes=info.max_tools_bytes,
+        # false and 0: a server that predates images and stop token sequences (it would
+        # ignore them)
+        accepts_images=info.accepts_images,
+        max_images=info.max_images,
+        max_image_bytes=info.max_image_bytes,
+        max_image_pixels=info.max_image_pixels,
+        max_stop_token_sequences=info.max_stop_token_sequences,
+        max_stop_token_sequence_len=info.max_stop_token_sequence_len,
     )

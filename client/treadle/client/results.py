@@ -177,3 +177,9 @@ class ModelInfo:
     response_format_types: tuple[str, ...]  # the formats it accepts; () = no structured output
     max_tools: int  # tools of one chat; 0 = a server without tool calling
     max_tools_bytes: int  # UTF-8 bytes of a chat's tools (names, descriptions, parameters)
+    accepts_images: bool  # whether the model takes images; False = a text-only model
+    max_images: int  # images of one chat, all messages together
+    max_image_bytes: int  # bytes of one image, encoded
+    max_image_pixels: int  # pixels (width x height) of one image, decoded
+    max_stop_token_sequences: int  # stop_token_sequences per request; 0 = not supported
+    max_stop_token_sequence_len: int  # ids of one stop token sequence

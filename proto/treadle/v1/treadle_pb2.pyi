@@ -29,16 +29,34 @@ FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_ERROR: FinishReason
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content", "tool_calls", "tool_call_id")
+    __slots__ = ("role", "content", "tool_calls", "tool_call_id", "parts")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     tool_call_id: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[ContentPart]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
+
+class ContentPart(_message.Message):
+    __slots__ = ("text", "image")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: Image
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
 
 class Chat(_message.Message):
     __slots__ = ("messages", "tools", "tool_choice")
@@ -144,7 +162,7 @@ class SamplingParameters(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., bad_words: _Optional[_Iterable[str]] = ..., bad_words_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class StoppingParameters(_message.Message):
-    __slots__ = ("max_new_tokens", "min_new_tokens", "ignore_eos", "stop", "stop_token_ids", "include_stop_in_output", "max_time_seconds")
+    __slots__ = ("max_new_tokens", "min_new_tokens", "ignore_eos", "stop", "stop_token_ids", "include_stop_in_output", "max_time_seconds", "stop_token_sequences")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +170,7 @@ class StoppingParameters(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STOP_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MAX_TIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     min_new_tokens: int
     ignore_eos: bool
@@ -159,7 +178,8 @@ class StoppingParameters(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     include_stop_in_output: bool
     max_time_seconds: float
-    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., include_stop_in_output: _Optional[bool] = ..., max_time_seconds: _Optional[float] = ...) -> None: ...
+    stop_token_sequences: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., include_stop_in_output: _Optional[bool] = ..., max_time_seconds: _Optional[float] = ..., stop_token_sequences: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
 
 class LogprobsOptions(_message.Message):
     __slots__ = ("enabled", "top", "processed")
@@ -374,7 +394,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template", "max_prompt_chars", "max_chat_messages", "max_request_id_bytes", "max_stop_string_chars", "max_stop_token_ids", "max_bad_words", "max_bad_word_chars", "max_bad_words_tokens", "max_logit_bias", "max_allowed_token_ids", "max_plugin_args_bytes", "max_plugin_args_depth", "max_priority", "max_session_requests", "max_stream_backlog", "max_plugin_name_bytes", "kv_cache_tokens", "max_samples", "max_response_format_bytes", "max_response_format_choices", "response_format_compile_seconds", "response_format_types", "max_tools", "max_tools_bytes")
+    __slots__ = ("model", "context_length", "max_total_tokens", "vocab_size", "eos_token_ids", "max_batch_rows", "default_max_new_tokens", "max_stop_strings", "max_plugins", "max_top_logprobs", "max_waiting", "max_request_bytes", "plugins", "has_chat_template", "max_prompt_chars", "max_chat_messages", "max_request_id_bytes", "max_stop_string_chars", "max_stop_token_ids", "max_bad_words", "max_bad_word_chars", "max_bad_words_tokens", "max_logit_bias", "max_allowed_token_ids", "max_plugin_args_bytes", "max_plugin_args_depth", "max_priority", "max_session_requests", "max_stream_backlog", "max_plugin_name_bytes", "kv_cache_tokens", "max_samples", "max_response_format_bytes", "max_response_format_choices", "response_format_compile_seconds", "response_format_types", "max_tools", "max_tools_bytes", "accepts_images", "max_images", "max_image_bytes", "max_image_pixels", "max_stop_token_sequences", "max_stop_token_sequence_len")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -413,6 +433,12 @@ class ModelInfoResponse(_message.Message):
     RESPONSE_FORMAT_TYPES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOOLS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOOLS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKEN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKEN_SEQUENCE_LEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     max_total_tokens: int
@@ -451,7 +477,13 @@ class ModelInfoResponse(_message.Message):
     response_format_types: _containers.RepeatedScalarFieldContainer[str]
     max_tools: int
     max_tools_bytes: int
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_bad_words: _Optional[int] = ..., max_bad_word_chars: _Optional[int] = ..., max_bad_words_tokens: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_allowed_token_ids: _Optional[int] = ..., max_plugin_args_bytes: _Optional[int] = ..., max_plugin_args_depth: _Optional[int] = ..., max_priority: _Optional[int] = ..., max_session_requests: _Optional[int] = ..., max_stream_backlog: _Optional[int] = ..., max_plugin_name_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_response_format_bytes: _Optional[int] = ..., max_response_format_choices: _Optional[int] = ..., response_format_compile_seconds: _Optional[float] = ..., response_format_types: _Optional[_Iterable[str]] = ..., max_tools: _Optional[int] = ..., max_tools_bytes: _Optional[int] = ...) -> None: ...
+    accepts_images: bool
+    max_images: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_stop_token_sequences: int
+    max_stop_token_sequence_len: int
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_batch_rows: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_plugins: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., plugins: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_bad_words: _Optional[int] = ..., max_bad_word_chars: _Optional[int] = ..., max_bad_words_tokens: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_allowed_token_ids: _Optional[int] = ..., max_plugin_args_bytes: _Optional[int] = ..., max_plugin_args_depth: _Optional[int] = ..., max_priority: _Optional[int] = ..., max_session_requests: _Optional[int] = ..., max_stream_backlog: _Optional[int] = ..., max_plugin_name_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_response_format_bytes: _Optional[int] = ..., max_response_format_choices: _Optional[int] = ..., response_format_compile_seconds: _Optional[float] = ..., response_format_types: _Optional[_Iterable[str]] = ..., max_tools: _Optional[int] = ..., max_tools_bytes: _Optional[int] = ..., accepts_images: _Optional[bool] = ..., max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_stop_token_sequences: _Optional[int] = ..., max_stop_token_sequence_len: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt", "chat")

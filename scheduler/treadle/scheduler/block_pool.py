@@ -39,9 +39,10 @@ _Branch = tuple[BlockHash | None, int]  # (parent block's hash, first token)
 
 
 def block_hash(parent: BlockHash | None, tokens: Sequence[int]) -> BlockHash:
-    """The content address of a full block: its tokens after its parent's hash."""
+    """The content address of a full block: its tokens after its parent's hash (8 bytes
+    each: an image token is keyed by a 63-bit id of its image, `Request.content_ids`)."""
     h = hashlib.blake2b(parent or b"", digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens))
+    h.update(b"".join(t.to_bytes(8, "little", signed=True) for t in tokens))
     return h.digest()
 
 

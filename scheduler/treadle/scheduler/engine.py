@@ -102,7 +102,9 @@ class Engine:
             pool_blocks=self.scheduler.config.num_blocks,
             block_size=self.scheduler.config.block_size,
         )
-        self.inputs = InputProcessor(loaded.tokenizer, loaded.vocab_size)
+        self.inputs = InputProcessor(
+            loaded.tokenizer, loaded.vocab_size, loaded.processor, loaded.image_token_id
+        )
         grammars = GrammarCompiler(
             loaded.tokenizer,
             loaded.vocab_size,
@@ -185,6 +187,7 @@ class Engine:
             max_prompt_chars=self.factory.max_prompt_chars,
             plugins=tuple(self.plugins.names()),
             has_chat_template=self.inputs.has_chat_template,
+            accepts_images=self.inputs.accepts_images,
             response_format_types=RESPONSE_FORMAT_TYPES if self.factory.grammars.available else (),
             limits=self.config.limits,
         )

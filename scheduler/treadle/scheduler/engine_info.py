@@ -27,5 +27,6 @@ class EngineInfo:
     max_prompt_chars: int  # characters of a prompt or chat, checked before tokenizing
     plugins: tuple[str, ...]  # names of the registered plugins, sorted
     has_chat_template: bool  # whether chat input is accepted
+    accepts_images: bool  # whether chat messages may hold images (a vision-language model)
     response_format_types: tuple[str, ...]  # accepted response_format types; () if none
     limits: RequestLimits  # the per-request limits

@@ -13,9 +13,11 @@ from ..worker.grammar import GrammarState
 from ..worker.history import TokenHistory
 from ..worker.params import SamplingParams
 from ..worker.plan import RowInput, RowOutput
+from ..worker.vision import ImageInputs
 from .block_pool import BlockHash
 from .detokenizer import IncrementalDetokenizer
 from .events import Cause, Ending, Event, FinishEvent, TokenEvent
+from .stop_sequences import StopSequenceMatcher
 from .stop_strings import StopStringMatcher
 from .tool_splitter import ToolCallSplitter
 
@@ -35,6 +37,7 @@ class StoppingParams:
     max_new_tokens: int
     eos_token_ids: tuple[int, ...] = ()  # empty when the request ignores EOS
     stop_token_ids: tuple[int, ...] = ()
+    stop_token_sequences: tuple[tuple[int, ...], ...] = ()
     stop_strings: tuple[str, ...] = ()
     include_stop_in_output: bool = False
     max_time: float | None = None  # seconds since admission
@@ -70,6 +73,7 @@ class Request:
     followers: list[Request] = field(default_factory=list)  # samples 1..n-1 until the fork
     grammar: GrammarState | None = None  # response_format's state (this sample's own)
     calls: ToolCallSplitter | None = None  # with tools: separates calls from content
+    images: ImageInputs | None = None  # its images' tensors and features (shared by samples)
 
     history: TokenHistory = field(init=False)  # prompt + generated, with running statistics
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
@@ -83,11 +87,15 @@ class Request:
     last_token_at: float | None = field(default=None, init=False)
     cancel_reason: Ending | None = field(default=None, init=False)
     matcher: StopStringMatcher = field(init=False)
+    sequence_matcher: StopSequenceMatcher = field(init=False)
 
     def __post_init__(self) -> None:
         self.history = TokenHistory(self.prompt_ids)
         self.matcher = StopStringMatcher(
             self.stopping.stop_strings, self.stopping.include_stop_in_output
+        )
+        self.sequence_matcher = StopSequenceMatcher(
+            self.stopping.stop_token_sequences, self.stopping.include_stop_in_output
         )
 
     # -- derived state -------------------------------------------------------
@@ -95,6 +103,20 @@ class Request:
     def token_ids(self) -> list[int]:
         """Prompt, then generated tokens (the history's list: append through `accept`)."""
         return self.history.ids
+
+    def content_ids(self, start: int, end: int) -> list[int]:
+        """`token_ids[start:end]` as the prefix cache keys them: each image token stands
+        for its image (a negative id from the image's hash), so blocks holding two
+        different pictures never match and the same picture does."""
+        ids = self.token_ids[start:end]
+        if self.images is None:
+            return ids
+        lo, hi = self.images.rows(start, end)
+        for position, key in zip(
+            self.images.positions[lo:hi], self.images.keys[lo:hi], strict=True
+        ):
+            ids[position - start] = key
+        return ids
 
     @property
     def prompt_len(self) -> int:
@@ -147,6 +169,7 @@ class Request:
             history=self.history,
             params=self.sampling,
             grammar=self.grammar,
+            images=self.images,
         )
 
     # -- transitions ---------------------------------------------------------
@@ -190,11 +213,18 @@ class Request:
         drop_text = reason in (FinishReason.EOS, FinishReason.STOP_TOKEN) and not (
             self.stopping.include_stop_in_output
         )
-        text, matched = ("", None) if drop_text else self.matcher.feed(self.detokenizer.step(token))
+        delta, ended = self.sequence_matcher.feed(
+            token, "" if drop_text else self.detokenizer.step(token)
+        )
+        if reason is None and ended:
+            reason = FinishReason.STOP_TOKEN
+        late = self._late_stop_reason(out, now) if reason is None else None
+        if (reason or late) is not None and not ended:
+            delta += self.sequence_matcher.flush()
+        text, matched = self.matcher.feed(delta)
         if reason is None and matched is not None:
             reason = FinishReason.STOP_SEQUENCE
-        if reason is None:
-            reason = self._late_stop_reason(out, now)
+        reason = reason or late
         if reason is not None and matched is None:
             text += self.matcher.flush()
         tool_calls: tuple[ToolCall, ...] = ()

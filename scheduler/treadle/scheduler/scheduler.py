@@ -453,7 +453,7 @@ class Scheduler:
         many of them `req` can take (always leaving a token to feed); None if none."""
         bs = self.config.block_size
         start = full * bs
-        tokens = req.token_ids[start : min(start + bs - 1, len(req.token_ids) - 1)]
+        tokens = req.content_ids(start, min(start + bs - 1, len(req.token_ids) - 1))
         parent = req.block_hashes[full - 1] if full else None
         return self.pool.partial_match(parent, tokens)
 
@@ -471,7 +471,7 @@ class Scheduler:
         have = len(req.block_hashes)
         if have < full:
             parent = req.block_hashes[-1] if have else None
-            tokens = req.token_ids[: full * self.config.block_size]
+            tokens = req.content_ids(0, full * self.config.block_size)
             req.block_hashes.extend(chain_hashes(tokens, self.config.block_size, have, parent))
 
     def _computed(self, req: Request, n: int) -> None:
@@ -484,7 +484,7 @@ class Scheduler:
             bs = self.config.block_size
             for i in range(first, full):
                 parent = req.block_hashes[i - 1] if i else None
-                tokens = req.token_ids[i * bs : (i + 1) * bs]
+                tokens = req.content_ids(i * bs, (i + 1) * bs)
                 self.pool.register(req.blocks[i], req.block_hashes[i], parent, tokens)
 
     def _preempt_for(self, req: Request, plan: StepPlan) -> bool:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..api.bounded_json import JsonLimitError, loads_bounded
+from ..api.images import TextPart
 from ..api.params import ChatMessage
 from ..api.tools import Tool, ToolCall, ToolChoice
 from ..worker.grammar import JSON_WHITESPACE
@@ -47,6 +48,14 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
+
+
+def message_text(m: ChatMessage) -> str:
+    """A message's text: its content, or its text parts joined."""
+    return m.content or "".join(p.text for p in m.parts if isinstance(p, TextPart))
+
+
+Content = Callable[[ChatMessage], Any]  # a message's content as the chat template takes it
 
 
 @dataclass(frozen=True)
@@ -132,27 +141,31 @@ def new_call_id() -> str:
 
 
 def generic_messages(
-    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec], content: Content = message_text
 ) -> list[dict[str, Any]]:
     """The chat for a template without tool support: the tools described in the system
     message (the first message if it is one, else a new one), each earlier call written
     into its assistant message as the model would write it, and tool results as a user
-    message of `<tool_response>` blocks (consecutive ones together)."""
+    message of `<tool_response>` blocks (consecutive ones together). `content` gives a
+    message's content (its text, or its parts as a template takes them)."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         calls = _history_calls(i, m)
         if m.role == "tool":
-            block = f"<tool_response>\n{m.content}\n</tool_response>"
+            block = f"<tool_response>\n{message_text(m)}\n</tool_response>"
             if out and out[-1].get("tool_results"):
                 out[-1]["content"] += "\n" + block
             else:
                 out.append({"role": "user", "content": block, "tool_results": True})
             continue
-        content = m.content
+        if not calls:
+            out.append({"role": m.role, "content": content(m)})
+            continue
+        text = message_text(m)
         for call in calls:
             written = f"{OPEN}\n{json.dumps(call['function'], ensure_ascii=False)}\n{CLOSE}"
-            content = f"{content}\n{written}" if content else written
-        out.append({"role": m.role, "content": content})
+            text = f"{text}\n{written}" if text else written
+        out.append({"role": m.role, "content": text})
     for d in out:
         d.pop("tool_results", None)
     if tools:
@@ -165,12 +178,14 @@ def generic_messages(
     return out
 
 
-def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+def template_messages(
+    messages: Sequence[ChatMessage], content: Content = message_text
+) -> list[dict[str, Any]]:
     """The chat for a template that takes tools: OpenAI's message shape, the history's
     call arguments as objects (what templates expect)."""
     out = []
     for i, m in enumerate(messages):
-        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        d: dict[str, Any] = {"role": m.role, "content": content(m)}
         if m.tool_calls:
             d["tool_calls"] = _history_calls(i, m)
         if m.tool_call_id:

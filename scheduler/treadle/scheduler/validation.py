@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..api.checks import MAX_SEED, ParameterError, check_params, check_seconds, check_tools
+from ..api.images import TextPart
 from ..api.limits import RequestLimits
 from ..api.params import ResponseFormat
 from ..api.tools import ToolChoice
@@ -22,7 +23,8 @@ from ..worker.plugins.base import PluginArgumentError, PluginBinding, PluginCont
 from .detokenizer import IncrementalDetokenizer
 from .errors import ValidationError
 from .generation_request import ChatMessage, GenerationRequest
-from .inputs import InputProcessor, input_fields
+from .images import decode_images
+from .inputs import InputProcessor, Prompt, input_fields
 from .request import EventSink, Request, StoppingParams
 from .tool_format import ToolSpec, call_grammar, parse_tools
 from .tool_splitter import ToolCallSplitter
@@ -87,7 +89,8 @@ class RequestFactory:
         self._check_bad_word_chars(gen.bad_words)
         self._check_samples(gen.n)
         tools = self._tools(gen)
-        prompt_ids = self._prompt_ids(gen, tools)
+        prompt = self._prompt(gen, tools)
+        prompt_ids = prompt.ids
         self._check_fork(gen.n, len(prompt_ids))
         max_new = self._max_new_tokens(gen, len(prompt_ids))
         stopping = self._stopping(gen, max_new)
@@ -116,6 +119,7 @@ class RequestFactory:
                 index=index,
                 grammar=grammar.fork() if grammar is not None and index else grammar,
                 calls=ToolCallSplitter() if calls else None,
+                images=prompt.images,
             )
 
         leader = sample(0)
@@ -125,10 +129,10 @@ class RequestFactory:
     def prompt_ids(self, gen: GenerationRequest) -> list[int]:
         """The input's token ids (as `InputProcessor.prompt_ids`, a chat rendered with its
         tools), after its size is checked: characters of a prompt or chat, count of token
-        ids, the tools' count and bytes."""
-        return self._prompt_ids(gen, self._tools(gen))
+        ids, the tools' count and bytes, the images' count, bytes and pixels."""
+        return self._prompt(gen, self._tools(gen)).ids
 
-    def _prompt_ids(self, gen: GenerationRequest, tools: list[ToolSpec]) -> list[int]:
+    def _prompt(self, gen: GenerationRequest, tools: list[ToolSpec]) -> Prompt:
         chars = self.max_prompt_chars
         if gen.prompt is not None and len(gen.prompt) > chars:
             raise ValidationError(
@@ -142,7 +146,10 @@ class RequestFactory:
             limit := self.model.max_total_tokens
         ):
             raise ValidationError("token_ids", self._too_long(len(gen.prompt_token_ids), limit))
-        return self.inputs.prompt_ids(gen, tools)
+        images = []
+        if gen.messages is not None:
+            images = decode_images(gen.messages, self.limits, self.inputs.accepts_images)
+        return self.inputs.prompt(gen, tools, images)
 
     # -- pieces -----------------------------------------------------------------
     def _check_samples(self, n: int) -> None:
@@ -231,10 +238,13 @@ class RequestFactory:
 
     def _stopping(self, gen: GenerationRequest, max_new: int) -> StoppingParams:
         self._check_vocab("stop_token_ids", gen.stop_token_ids)
+        for i, seq in enumerate(gen.stop_token_sequences):
+            self._check_vocab(f"stop_token_sequences[{i}]", seq)
         return StoppingParams(
             max_new_tokens=max_new,
             eos_token_ids=() if gen.ignore_eos else self.model.eos_token_ids,
             stop_token_ids=tuple(gen.stop_token_ids),
+            stop_token_sequences=tuple(tuple(seq) for seq in gen.stop_token_sequences),
             stop_strings=tuple(gen.stop),
             include_stop_in_output=gen.include_stop_in_output,
             max_time=gen.max_time,
@@ -336,7 +346,8 @@ def _tool_choice(gen: GenerationRequest) -> ToolChoice:
 def _chars(m: ChatMessage) -> int:
     """Characters of a chat message, its calls included (bounds rendering it)."""
     calls = sum(len(c.id) + len(c.name) + len(c.arguments) for c in m.tool_calls)
-    return len(m.role) + len(m.content) + len(m.tool_call_id) + calls
+    text = sum(len(p.text) for p in m.parts if isinstance(p, TextPart))
+    return len(m.role) + len(m.content) + len(m.tool_call_id) + calls + text
 
 
 def check_request_id(request_id: str, limits: RequestLimits) -> None:

@@ -8,6 +8,7 @@ from treadle.v1 import treadle_pb2 as pb
 
 from ..api.bounded_json import JsonLimitError, loads_bounded
 from ..api.checks import ParameterError, check_tools
+from ..api.images import ContentPart, ImagePart, TextPart
 from ..api.limits import RequestLimits
 from ..api.outcome import FinishReason, TokenLogprob, Usage
 from ..api.params import RESPONSE_FORMAT_TYPES, ResponseFormat
@@ -16,6 +17,7 @@ from ..scheduler.errors import ValidationError
 from ..scheduler.events import FinishEvent, TokenEvent
 from ..scheduler.generation_request import ChatMessage, GenerationRequest, PluginRequest
 from ..scheduler.validation import check_request_id
+from .image_parts import check_image_bytes, check_image_count
 
 # The engine's parameter names that differ from the wire's; the others are the same words.
 _WIRE_FIELDS = {
@@ -34,21 +36,57 @@ def wire_field(field: str) -> str:
 
 
 def chat_from_proto(chat: pb.Chat, limits: RequestLimits) -> list[ChatMessage]:
-    """The chat's messages; more than `limits.max_chat_messages` are refused unconverted."""
+    """The chat's messages. More than `limits.max_chat_messages` messages, or more than
+    `limits.max_images` images in all (field `chat`), are refused unconverted, and so is
+    an image over `limits.max_image_bytes` (see `check_chat_images`)."""
     if len(chat.messages) > limits.max_chat_messages:
         raise ValidationError(
             "chat.messages",
             f"at most {limits.max_chat_messages} messages (got {len(chat.messages)})",
         )
+    check_chat_images(chat, limits)
     return [
         ChatMessage(
             role=m.role,
             content=m.content,
             tool_calls=tuple(call_from_proto(c) for c in m.tool_calls),
             tool_call_id=m.tool_call_id,
+            parts=parts_from_proto(m, f"chat.messages[{i}]"),
         )
-        for m in chat.messages
+        for i, m in enumerate(chat.messages)
     ]
+
+
+def check_chat_images(chat: pb.Chat, limits: RequestLimits) -> None:
+    """Refuse a chat with more than `limits.max_images` images (field `chat`), then one
+    with an image over `limits.max_image_bytes` (`chat.messages[i].parts[j]`), before
+    any part is converted."""
+    images = [
+        (f"chat.messages[{i}].parts[{j}]", part.image)
+        for i, m in enumerate(chat.messages)
+        for j, part in enumerate(m.parts)
+        if part.HasField("image")
+    ]
+    check_image_count("chat", len(images), limits)
+    for field, image in images:
+        check_image_bytes(field, len(image.data), limits)
+
+
+def parts_from_proto(message: pb.ChatMessage, field: str) -> tuple[ContentPart, ...]:
+    """A message's parts (`field` names the message); a part with neither text nor image
+    set is refused. (A message with both content and parts is the engine's to refuse.)"""
+    return tuple(
+        part_from_proto(part, f"{field}.parts[{j}]") for j, part in enumerate(message.parts)
+    )
+
+
+def part_from_proto(part: pb.ContentPart, field: str) -> ContentPart:
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        return TextPart(part.text)
+    if kind == "image":  # its size was checked (check_chat_images); the engine decodes it
+        return ImagePart(part.image.data, part.image.mime_type)
+    raise ValidationError(field, "must set text or image")
 
 
 def tools_from_proto(chat: pb.Chat, limits: RequestLimits) -> tuple[list[Tool], ToolChoice | None]:
@@ -102,10 +140,12 @@ def request_from_proto(
     """The engine's view of a GenerateRequest; `deadline` is seconds left on the call.
 
     Raises ValidationError for what only the wire format can get wrong (a
-    request id over its byte limit, too many chat messages or plugins, plugin
-    arguments that are not a bounded JSON object, a response format with none
-    of its kinds set, tools or a tool choice that break check_tools); the
-    engine checks the rest.
+    request id over its byte limit, too many chat messages, images, plugins or
+    stop token sequences, an image over its byte limit, a content part with
+    neither text nor image, plugin arguments that are not a bounded JSON
+    object, a response format with none of its kinds set, tools or a tool
+    choice that break check_tools); the engine checks the rest (decoding the
+    images among it).
     """
     if msg.request_id:
         check_request_id(msg.request_id, limits)
@@ -114,6 +154,12 @@ def request_from_proto(
     if len(msg.plugins) > limits.max_plugins:
         raise ValidationError(
             "plugins", f"at most {limits.max_plugins} plugins (got {len(msg.plugins)})"
+        )
+    if len(t.stop_token_sequences) > limits.max_stop_token_sequences:
+        raise ValidationError(
+            "stop_token_sequences",
+            f"at most {limits.max_stop_token_sequences} sequences "
+            f"(got {len(t.stop_token_sequences)})",
         )
     is_chat = input_kind == "chat"
     messages = chat_from_proto(msg.chat, limits) if is_chat else None
@@ -129,6 +175,7 @@ def request_from_proto(
         ignore_eos=t.ignore_eos,
         stop=list(t.stop),
         stop_token_ids=list(t.stop_token_ids),
+        stop_token_sequences=[list(seq.ids) for seq in t.stop_token_sequences],
         include_stop_in_output=t.include_stop_in_output,
         max_time=t.max_time_seconds if t.HasField("max_time_seconds") else None,
         deadline=deadline,

@@ -115,6 +115,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             max_prompt_chars=info.max_prompt_chars,  # derived when not set
             max_samples=min(info.limits.max_samples, info.max_batch_rows),  # run at once
             response_format_types=info.response_format_types,  # () without structured output
+            accepts_images=info.accepts_images,
             **_reported_limits(info.limits),
         )
 

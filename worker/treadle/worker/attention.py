@@ -326,7 +326,8 @@ def install(model: Any) -> None:
 
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
     setter = getattr(model, "set_attn_implementation", None)
-    if callable(setter):
-        setter(ATTENTION_NAME)
+    vision = getattr(model.config, "vision_config", None) is not None
+    if callable(setter):  # a vision-language model's vision tower keeps its own attention
+        setter({"text_config": ATTENTION_NAME} if vision else ATTENTION_NAME)
     else:  # older transformers
-        model.config._attn_implementation = ATTENTION_NAME
+        model.config.get_text_config()._attn_implementation = ATTENTION_NAME

@@ -42,6 +42,8 @@ class KVShape:
 
     @classmethod
     def for_model(cls, config: Any, num_blocks: int, block_size: int) -> KVShape:
+        """The pool shape for a model of `config` (a vision-language model's text config)."""
+        config = config.get_text_config()
         heads = config.num_attention_heads
         return cls(
             layers=config.num_hidden_layers,

@@ -48,6 +48,12 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]  # every id that ends generation
     device: torch.device
     dtype: torch.dtype
+    processor: Any = None  # a vision-language model's transformers processor; None: text only
+    image_token_id: int | None = None  # the placeholder its image features replace
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.processor is not None and self.image_token_id is not None
 
     @property
     def vocab_size(self) -> int:
@@ -109,10 +115,7 @@ def load_model(
     started = time.monotonic()
     log.info("loading model %s from %s (%s, %s)", name, folder, dev, dt)
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+        model, tokenizer, processor = _load_parts(folder, dt)
     except OSError as exc:  # transformers reports a missing folder / hub id as OSError
         raise ModelNotFoundError(f"model {spec!r} could not be loaded: {exc}") from exc
     model.to(dev).eval()
@@ -121,11 +124,40 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         name=name,
-        context_length=_context_length(model.config),
+        context_length=_context_length(model.config.get_text_config()),
         eos_token_ids=_eos_ids(model, tokenizer),
         device=dev,
         dtype=dt,
+        processor=processor,
+        image_token_id=_image_token_id(model.config) if processor is not None else None,
     )
+
+
+def _load_parts(folder: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, processor or None): a vision-language model (its config has a
+    `vision_config`) through AutoModelForImageTextToText and AutoProcessor, any other
+    through AutoModelForCausalLM and AutoTokenizer."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "vision_config", None) is None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), tokenizer, None
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+    return model, processor.tokenizer, processor
+
+
+def _image_token_id(config: Any) -> int | None:
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _resolve(spec: str | None) -> tuple[str, str]:

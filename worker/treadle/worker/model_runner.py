@@ -10,6 +10,7 @@ from .decode_lanes import DecodeLanes
 from .kv_cache import PagedKVCache
 from .loader import LoadedModel
 from .plan import StepPlan
+from .vision import compute_features, embed_with_images
 
 
 class ModelRunner:
@@ -26,6 +27,7 @@ class ModelRunner:
         self.cache = cache
         self.lanes = lanes
         self.device = loaded.device
+        self.dtype = loaded.dtype
         attention.install(self.model)
 
     @torch.inference_mode()
@@ -50,12 +52,20 @@ class ModelRunner:
         layout = PagedLayout.build(self.cache, plan.decode, plan.prefill, self.device, self.lanes)
         input_ids: list[int] = []
         keep: list[int] = []  # index in the packed sequence of each sampling row's last token
+        images = []  # (offset in the packed sequence, start, tokens, images) of image chunks
         for r in plan.rows:
+            if r.images is not None and r.images.rows(r.start, r.start + len(r.input_ids))[1]:
+                images.append((len(input_ids), r.start, len(r.input_ids), r.images))
             input_ids.extend(r.input_ids)
             if r.samples:
                 keep.append(len(input_ids) - 1)
+        ids = torch.tensor([input_ids], device=self.device)  # [1, T]
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+        if images:  # the vision tower once per request, then the features in place
+            compute_features(self.model, [c[3] for c in images], self.device, self.dtype)
+            inputs = {"inputs_embeds": embed_with_images(self.model, ids, images)}
         out = self.model(
-            input_ids=torch.tensor([input_ids], device=self.device),  # [1, T]
+            **inputs,
             position_ids=layout.positions.unsqueeze(0),  # [1, T]
             use_cache=False,
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),  # [N]

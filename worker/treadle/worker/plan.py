@@ -26,6 +26,7 @@ from ..api.outcome import TokenLogprob
 from .grammar import GrammarState
 from .history import TokenHistory
 from .params import SamplingParams
+from .vision import ImageInputs
 
 
 @dataclass(slots=True)
@@ -43,6 +44,7 @@ class RowInput:
     params: SamplingParams  # processors and choice for the next token
     grammar: GrammarState | None = None  # the request's response_format position (its own;
     #                                      the worker advances it by the chosen token)
+    images: ImageInputs | None = None  # the request's images (a vision-language model's)
 
     @property
     def token_ids(self) -> Sequence[int]:

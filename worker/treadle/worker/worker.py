@@ -45,7 +45,7 @@ class WorkerConfig:
     def seq_len_for(self, loaded: LoadedModel) -> int:
         """Positions one sequence may hold: `max_seq_len`, at most the model's context."""
         limit = loaded.context_length
-        window = getattr(loaded.model.config, "sliding_window", None)
+        window = getattr(loaded.model.config.get_text_config(), "sliding_window", None)
         if isinstance(window, int) and window > 0:  # full attention is exact inside the window
             limit = min(limit, window)
         return min(self.max_seq_len or limit, limit)

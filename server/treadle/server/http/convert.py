@@ -14,21 +14,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...api.bounded_json import JsonLimitError, loads_bounded
+from ...api.images import ContentPart, TextPart
 from ...api.limits import RequestLimits
 from ...api.params import ResponseFormat
 from ...api.tools import Tool, ToolCall, ToolChoice
 from ...scheduler.errors import ValidationError
 from ...scheduler.generation_request import ChatMessage, GenerationRequest, PluginRequest
+from .images import check_images, content_parts
 from .protocol import (
     ChatCompletionRequest,
     CommonRequest,
     CompletionRequest,
-    ContentPart,
     Message,
     NamedToolChoice,
     ResponseFormatBody,
     ToolBody,
 )
+from .protocol import ContentPart as ContentPartBody
 
 MAX_BODY_DEPTH = 64  # nesting of a request body's arrays and objects (schemas included)
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default: a body without `temperature` samples
@@ -65,11 +67,12 @@ def chat_call(raw: bytes, limits: RequestLimits, max_bytes: int) -> ChatCall:
         )
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("top_logprobs", "needs logprobs set to true")
+    check_images(body.messages, limits)
     common = _common(body, limits)
     if body.max_completion_tokens is not None:  # the newer name wins
         common["max_new_tokens"] = body.max_completion_tokens
     gen = GenerationRequest(
-        messages=[_message(i, m) for i, m in enumerate(body.messages)],
+        messages=[_message(i, m, limits) for i, m in enumerate(body.messages)],
         tools=[_tool(t) for t in body.tools or ()],
         tool_choice=_tool_choice(body.tool_choice),
         logprobs=body.logprobs,
@@ -106,6 +109,7 @@ def _common(body: CommonRequest, limits: RequestLimits) -> dict[str, Any]:
         "ignore_eos": body.ignore_eos,
         "stop": stop,
         "stop_token_ids": list(body.stop_token_ids or ()),
+        "stop_token_sequences": [list(seq) for seq in body.stop_token_sequences or ()],
         "temperature": OPENAI_TEMPERATURE if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "top_k": body.top_k,
@@ -121,30 +125,29 @@ def _common(body: CommonRequest, limits: RequestLimits) -> dict[str, Any]:
     }
 
 
-def _message(index: int, m: Message) -> ChatMessage:
+def _message(index: int, m: Message, limits: RequestLimits) -> ChatMessage:
     role = "system" if m.role == "developer" else m.role
     calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
+    content, parts = _content(index, m.content, limits)
     return ChatMessage(
         role=role,
-        content=_content(index, m.content),
+        content=content,
         tool_calls=calls,
         tool_call_id=m.tool_call_id or "",
+        parts=parts,
     )
 
 
-def _content(index: int, content: str | list[ContentPart] | None) -> str:
-    """A message's text: its string, or its text parts joined; other parts are refused."""
+def _content(
+    index: int, content: str | list[ContentPartBody] | None, limits: RequestLimits
+) -> tuple[str, tuple[ContentPart, ...]]:
+    """A message's (content, parts): its string, or its content list's parts; a list of
+    text parts only is joined into one string (as a text-only chat template expects)."""
     if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for j, part in enumerate(content):
-        if part.type != "text" or part.text is None:
-            raise ValidationError(
-                f"messages[{index}].content[{j}]",
-                f"parts of type {part.type[:32]!r} are not supported (text parts only)",
-            )
-        texts.append(part.text)
-    return "".join(texts)
+        return content or "", ()
+    parts = content_parts(index, content, limits)
+    texts = [p.text for p in parts if isinstance(p, TextPart)]
+    return ("".join(texts), ()) if len(texts) == len(parts) else ("", parts)
 
 
 def _tool(tool: ToolBody) -> Tool:

@@ -108,9 +108,20 @@ def api_error(exc: BaseException, params: Mapping[str, str] = CHAT_PARAMS) -> Ap
 
 
 def openai_param(field_name: str, params: Mapping[str, str]) -> str:
-    """OpenAI's name of an engine field (`max_new_tokens` -> `max_tokens`, `stop[2]` kept)."""
+    """OpenAI's name of an engine field (`max_new_tokens` -> `max_tokens`, `stop[2]` kept;
+    the chat's wire names: `chat.messages[2].parts[1]` -> `messages[2].content[1]`,
+    `chat.tools[0].name` -> `tools[0].name`, `chat` -> `messages`)."""
+    for engine, openai in _CHAT_NAMES:
+        if field_name.startswith(engine):
+            field_name = openai + field_name.removeprefix(engine)
+            break
+    field_name = field_name.replace(".parts[", ".content[")
     head, bracket, rest = field_name.partition("[")
     return params.get(head, head) + bracket + rest
+
+
+# The gRPC chat's field names, as the engine reports them, and OpenAI's (first match wins).
+_CHAT_NAMES = (("chat.messages", "messages"), ("chat.", ""), ("chat", "messages"))
 
 
 def unauthenticated() -> ApiError:

@@ -18,13 +18,20 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ContentPart(BaseModel):
-    """A part of a message's content; only `text` parts are served (images come later)."""
+class ImageUrl(Body):
+    url: str  # a data: URL (data:image/png;base64,...); the server fetches no other URL
+    detail: Literal["auto", "low", "high"] | None = None  # ignored
 
-    model_config = ConfigDict(extra="allow")  # an image part's fields; refused by type
+
+class ContentPart(BaseModel):
+    """A part of a message's content: `text`, or `image_url` holding a data: URL; a part of
+    another type is refused by convert.py, naming it."""
+
+    model_config = ConfigDict(extra="allow")  # another type's fields (audio); refused by type
 
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class FunctionCall(Body):
@@ -112,6 +119,7 @@ class CommonRequest(Body):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    stop_token_sequences: list[list[int]] | None = None
     plugins: list[PluginBody] | None = None
     priority: int = 0
 

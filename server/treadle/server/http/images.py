@@ -1,0 +1,83 @@
+"""OpenAI's content parts -> the engine's: `{"type": "text", "text"}` and `{"type":
+"image_url", "image_url": {"url": "data:image/png;base64,..."}}` (runs off the event loop).
+
+Only data: URLs are taken: the server fetches nothing, so an http(s) URL is refused naming
+its part. The checks both frontends make (image_parts.py): the chat's image count (field
+`messages`) before any part is converted, and each image's size, estimated from its base64
+length before it is decoded. The MIME type is passed on as given; decoding the image and
+the rest of its checks are the engine's (docs/vision.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+
+from ...api.images import ContentPart, ImagePart, TextPart
+from ...api.limits import RequestLimits
+from ...scheduler.errors import ValidationError
+from ..image_parts import check_image_bytes, check_image_count
+from .protocol import ContentPart as ContentPartBody
+from .protocol import Message
+
+_BASE64_MARK = ";base64"
+
+
+def content_field(index: int, j: int) -> str:
+    """OpenAI's name of part `j` of message `index`."""
+    return f"messages[{index}].content[{j}]"
+
+
+def check_images(messages: Sequence[Message], limits: RequestLimits) -> None:
+    """Refuse a chat with more than `limits.max_images` image parts (field `messages`)."""
+    count = sum(
+        part.type == "image_url"
+        for m in messages
+        if isinstance(m.content, list)
+        for part in m.content
+    )
+    check_image_count("messages", count, limits)
+
+
+def content_parts(
+    index: int, parts: Sequence[ContentPartBody], limits: RequestLimits
+) -> tuple[ContentPart, ...]:
+    """The engine's parts of message `index`'s content list; an image over
+    `limits.max_image_bytes` is refused before it is decoded."""
+    return tuple(_part(content_field(index, j), part, limits) for j, part in enumerate(parts))
+
+
+def decoded_size(data: str) -> int:
+    """The bytes that base64 `data` decodes to (its length x 3/4, less the padding)."""
+    return len(data.rstrip("=")) * 3 // 4
+
+
+def _part(field: str, part: ContentPartBody, limits: RequestLimits) -> ContentPart:
+    if part.type == "text" and part.text is not None:
+        return TextPart(part.text)
+    if part.type == "image_url" and part.image_url is not None:
+        return _data_url_image(field, part.image_url.url, limits)
+    raise ValidationError(
+        field, f"parts of type {part.type[:32]!r} are not supported (text and image_url parts)"
+    )
+
+
+def _data_url_image(field: str, url: str, limits: RequestLimits) -> ContentPart:
+    """The image of a `data:<MIME type>;base64,<data>` URL; any other URL is refused."""
+    if not url.startswith("data:"):
+        raise ValidationError(
+            field,
+            "image_url.url must be a data: URL (data:image/png;base64,...); "
+            "the server fetches no URL",
+        )
+    header, comma, data = url.removeprefix("data:").partition(",")
+    if not comma or not header.endswith(_BASE64_MARK):
+        raise ValidationError(field, "image_url.url must be base64: data:<MIME type>;base64,...")
+    check_image_bytes(field, decoded_size(data), limits)
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise ValidationError(field, "image_url.url holds data that is not base64") from None
+    mime_type = header.removesuffix(_BASE64_MARK).partition(";")[0].strip().lower()
+    return ImagePart(decoded, mime_type)
