@@ -16,14 +16,16 @@ def standard_attention(model: Any, implementation: str = "sdpa") -> Iterator[Any
     built; `generate`, transformers' continuous batching and the bare forward
     need a standard one.
     """
-    saved = model.config._attn_implementation
+    text = model.config.get_text_config()  # a vision-language model's: the one treadle switches
+    vision = getattr(model.config, "vision_config", None) is not None
+    saved = text._attn_implementation
     if saved != implementation:
-        model.set_attn_implementation(implementation)
+        model.set_attn_implementation({"text_config": implementation} if vision else implementation)
     try:
         yield model
     finally:
-        if model.config._attn_implementation != saved:
-            model.set_attn_implementation(saved)
+        if text._attn_implementation != saved:
+            model.set_attn_implementation({"text_config": saved} if vision else saved)
 
 
 @contextlib.contextmanager

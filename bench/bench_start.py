@@ -44,6 +44,7 @@ def start_bench(
     command line recorded in the report.
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per HTTP request
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = datetime.now(UTC)

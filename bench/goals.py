@@ -22,8 +22,11 @@ W1_GOALS = (
     Goal("scheduler share of step time < 10%", "scheduler_share", operator.lt, 0.10),
 )
 
-# The cost of the gRPC frontend: W1 through the server against the in-process engine.
-GRPC_GOALS = (Goal("W1 over gRPC >= 0.90x in-process", "w1_grpc/w1_inprocess", operator.ge, 0.90),)
+# The cost of the frontends: W1 through the server against the in-process engine.
+GRPC_GOALS = (
+    Goal("W1 over gRPC >= 0.90x in-process", "w1_grpc/w1_inprocess", operator.ge, 0.90),
+    Goal("W1 over HTTP >= 0.90x in-process", "w1_http/w1_inprocess", operator.ge, 0.90),
+)
 
 
 def check_goals(

@@ -16,7 +16,7 @@ from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
 
 from .run_result import BenchmarkError
-from .traces import StreamFn
+from .traces import Ending, StreamFn, check_ending
 from .workload import WorkItem, Workload
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -62,16 +62,15 @@ def grpc_stream(stub: pb_grpc.GenerationStub) -> StreamFn:
 
 def check_finish(item: WorkItem, finish: pb.Finish | None) -> None:
     """The request must have ended by its budget, with exactly that many tokens generated."""
-    if finish is None:
-        raise BenchmarkError(f"{item.id}: the stream ended without a Finish")
-    if finish.reason != pb.FINISH_REASON_LENGTH:
-        reason = pb.FinishReason.Name(finish.reason)
-        raise BenchmarkError(f"{item.id}: ended with {reason} ({finish.error.message})")
-    if finish.usage.generated_tokens != item.max_new_tokens:
-        raise BenchmarkError(
-            f"{item.id}: usage says {finish.usage.generated_tokens} tokens generated, "
-            f"expected {item.max_new_tokens}"
+    ending = None
+    if finish is not None:
+        ending = Ending(
+            reason=pb.FinishReason.Name(finish.reason),
+            by_budget=finish.reason == pb.FINISH_REASON_LENGTH,
+            generated=finish.usage.generated_tokens,
+            message=finish.error.message,
         )
+    check_ending(item, ending)
 
 
 async def warm_up(stub: pb_grpc.GenerationStub, item: WorkItem) -> None:

@@ -1,4 +1,4 @@
-"""The gRPC report: W1 through the server against in-process, W2 latencies; JSON and markdown."""
+"""The frontend report: W1 over gRPC and HTTP against in-process, W2 latencies; JSON, markdown."""
 
 from __future__ import annotations
 
@@ -10,16 +10,27 @@ from .goals import GRPC_GOALS, check_goals
 from .report import document, goal_lines, title_lines, write_documents
 from .run_result import RunResult
 
-RATIO = ("w1_grpc", "w1_inprocess")  # the frontend's cost: numerator over denominator
+REFERENCE = "w1_inprocess"  # what each frontend's W1 is measured against
+W1_FRONTENDS = (("w1_grpc", "gRPC"), ("w1_http", "HTTP"))  # run, label
 W2_RUNS = (("w2_grpc", "gRPC"), ("w2_inprocess", "in-process"))
+LATENCIES = ("ttft_s", "itl_s", "e2e_s")  # client-side, p50 and p99 of each in the tables
 
 
-def frontend_ratio(results: dict[str, RunResult]) -> dict[str, float]:
-    """{"w1_grpc/w1_inprocess": tokens/s over tokens/s} once both ran; else {}."""
-    num, den = (results.get(name) for name in RATIO)
-    if num is None or den is None or den.tokens_per_s <= 0:
+def ratio_key(run: str) -> str:
+    """The key of `run`'s tokens/s over the reference's: "w1_http/w1_inprocess"."""
+    return f"{run}/{REFERENCE}"
+
+
+def frontend_ratios(results: dict[str, RunResult]) -> dict[str, float]:
+    """Each frontend's W1 tokens/s over in-process (the frontend's cost), for those that ran."""
+    ref = results.get(REFERENCE)
+    if ref is None or ref.tokens_per_s <= 0:
         return {}
-    return {"/".join(RATIO): num.tokens_per_s / den.tokens_per_s}
+    return {
+        ratio_key(name): results[name].tokens_per_s / ref.tokens_per_s
+        for name, _ in W1_FRONTENDS
+        if name in results
+    }
 
 
 def build_grpc_report(
@@ -27,9 +38,9 @@ def build_grpc_report(
 ) -> dict[str, Any]:
     """The whole JSON document of one gRPC run (runs in the order they ran).
 
-    `header`: command, model, workload, settings, server and environment.
+    `header`: command, model, workload, settings, server (and http_server) and environment.
     """
-    rates = frontend_ratio(results)
+    rates = frontend_ratios(results)
     goals = check_goals(rates, GRPC_GOALS)
     return document("W1+W2 over gRPC", results, rates, goals, started, header)
 
@@ -38,7 +49,7 @@ def render_grpc_markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of `report`."""
     runs = report["runs"]
     lines = [
-        *title_lines(report, "W1 and W2 over gRPC"),
+        *title_lines(report, "W1 and W2 over gRPC and HTTP"),
         "| run | requests | useful tokens | wall s | tok/s |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
@@ -52,21 +63,33 @@ def render_grpc_markdown(report: dict[str, Any]) -> str:
 
 
 def _w1_lines(report: dict[str, Any]) -> list[str]:
-    runs, ratio = report["runs"], report["ratios"].get("/".join(RATIO))
-    lines = []
-    if ratio is not None:
-        lines.append(f"W1: gRPC / in-process = {ratio:.3f}x tokens/s (the frontend's cost)")
+    runs, ratios = report["runs"], report["ratios"]
+    measured = [(label, name, runs[name]) for name, label in W1_FRONTENDS if name in runs]
+    if not measured:
+        return []
+    lines = [
+        "W1 through each frontend: tokens/s over in-process (the frontend's cost) and "
+        "client-side latencies in ms (ITL: every gap between token events)",
+        "",
+        f"| path | tok/s | / in-process | {_latency_heads()} |",
+        "| --- | ---: | ---: |" + " ---: |" * 2 * len(LATENCIES),
+    ]
+    for label, name, run in measured:
+        ratio = ratios.get(ratio_key(name))
+        lines.append(
+            f"| {label} | {run['tokens_per_s']:.1f} | {'' if ratio is None else f'{ratio:.3f}x'} "
+            f"| {_latency_cells(run)} |"
+        )
+    lines.append("")
     if "w1_grpc" in runs:
         w1 = runs["w1_grpc"]
         capacity = w1["requests"] / w1["wall_s"]
-        lines.append(
-            f"W1 capacity over gRPC: {capacity:.3f} requests/s; client-side TTFT p50/p99 "
-            f"{_ms(w1['ttft_s'].get('p50'))}/{_ms(w1['ttft_s'].get('p99'))} ms"
-        )
+        line = f"W1 capacity over gRPC: {capacity:.3f} requests/s"
         if "w2_grpc" in runs:
             load = runs["w2_grpc"]["target_rate_rps"] / capacity
-            lines.append(f"W2 arrival rate: {load:.2f} x that capacity")
-    return [*lines, ""] if lines else []
+            line += f"; W2 arrival rate: {load:.2f} x that capacity"
+        lines += [line, ""]
+    return lines
 
 
 def _w2_lines(runs: dict[str, Any]) -> list[str]:
@@ -79,17 +102,24 @@ def _w2_lines(runs: dict[str, Any]) -> list[str]:
         f"requests/s (this schedule: {first['scheduled_rate_rps']:.3f}); client-side "
         "latencies in ms (ITL: every gap between token events)",
         "",
-        "| path | achieved arrivals/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 "
-        "| e2e p50 | e2e p99 | tok/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| path | achieved arrivals/s | {_latency_heads()} | tok/s |",
+        "| --- | ---: |" + " ---: |" * 2 * len(LATENCIES) + " ---: |",
     ]
     for label, run in measured:
-        cells = [_ms(run[f].get(p)) for f in ("ttft_s", "itl_s", "e2e_s") for p in ("p50", "p99")]
         lines.append(
-            f"| {label} | {run['achieved_rate_rps']:.3f} | {' | '.join(cells)} "
+            f"| {label} | {run['achieved_rate_rps']:.3f} | {_latency_cells(run)} "
             f"| {run['tokens_per_s']:.1f} |"
         )
     return [*lines, ""]
+
+
+def _latency_heads() -> str:
+    names = {"ttft_s": "TTFT", "itl_s": "ITL", "e2e_s": "e2e"}
+    return " | ".join(f"{names[f]} {p}" for f in LATENCIES for p in ("p50", "p99"))
+
+
+def _latency_cells(run: dict[str, Any]) -> str:
+    return " | ".join(_ms(run[f].get(p)) for f in LATENCIES for p in ("p50", "p99"))
 
 
 def _ms(seconds: float | None) -> str:

@@ -1,4 +1,4 @@
-"""Every knob of a gRPC run (W1 and W2 through `treadle serve`); engine defaults are W1's."""
+"""Every knob of a frontend run (W1 and W2 through `treadle serve`); engine defaults are W1's."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class GrpcSettings:
     load: float = 0.7  # W2's arrival rate as a share of the W1 gRPC capacity
     rate: float | None = None  # W2's arrival rate (requests/s); None: load x capacity
     seed: int = 0  # seeds W2's Poisson arrivals
-    w2_inprocess: bool = True  # also run W2 on the in-process engine, after the server
+    w2_inprocess: bool = True  # also run W2 on the in-process engine, after the servers
+    http: bool = True  # also run W1 over HTTP streaming, on a fresh server of its own
     server_timeout_s: float = 600.0  # most seconds from starting the server to SERVING
 
     def __post_init__(self) -> None:

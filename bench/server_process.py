@@ -1,4 +1,4 @@
-"""`treadle serve` as a subprocess of the benchmark: start it, learn its port, stop it.
+"""`treadle serve` as a subprocess of the benchmark: start it, learn its ports, stop it.
 
 Its log (stdout and stderr together) is read line by line the whole time, so
 the pipe never fills; each line goes to the progress stream and the last
@@ -25,13 +25,21 @@ T = TypeVar("T")
 
 LISTENING = re.compile(r"listening on \S+:(\d+)")
 METRICS = re.compile(r"metrics on \S*:(\d+)/metrics")
+HTTP = re.compile(r"OpenAI-compatible HTTP on \S+:(\d+)")
 KEPT_ENV = ("TREADLE_CACHE_DIR",)  # the only TREADLE_* variable the server inherits
 
 
 def serve_command(
-    config: EngineConfig, model: str | None, device: str | None, host: str = "127.0.0.1"
+    config: EngineConfig,
+    model: str | None,
+    device: str | None,
+    host: str = "127.0.0.1",
+    http: bool = False,
 ) -> list[str]:
     """The `treadle serve` command line for `config`, on a free port of `host`.
+
+    gRPC and /metrics listen on free ports; the OpenAI-compatible HTTP
+    frontend too with `http` (`--http-port 0`), else it is off (`-1`).
 
     Every engine setting is passed as a flag, so the server runs the engine
     the in-process runs use whatever TREADLE_* defaults the environment has
@@ -39,7 +47,9 @@ def serve_command(
     kv_cache_memory) is left out, and the server's default is the engine's.
     """
     command = [sys.executable, "-m", "treadle.client.cli", "serve"]
-    command += ["--host", host, "--port", "0", "--metrics-port", "0", "--log-level", "INFO"]
+    command += ["--host", host, "--port", "0", "--metrics-port", "0"]
+    command += ["--http-port", "0" if http else "-1"]
+    command += ["--log-level", "INFO"]
     command += ["--max-batch-rows", str(config.max_batch_rows)]
     if config.max_seq_len is not None:
         command += ["--max-seq-len", str(config.max_seq_len)]
@@ -78,12 +88,22 @@ class ServerProcess:
     progress: Progress
     port: asyncio.Future[int] = field(default_factory=asyncio.Future)  # from its log
     metrics_port: asyncio.Future[int] = field(default_factory=asyncio.Future)  # from its log
+    http_port: asyncio.Future[int] = field(default_factory=asyncio.Future)  # from its log
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
     reader: asyncio.Task[None] | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port.result()}"
+
+    async def http_url(self, timeout_s: float) -> str:
+        """The HTTP frontend's base URL, once its log line came (at most `timeout_s`).
+
+        Raises BenchmarkError if the server exits first or does not say so in
+        time (started with `--http-port -1`, it never does).
+        """
+        port = await self.guard(asyncio.shield(self.http_port), timeout_s, "before HTTP listened")
+        return f"http://127.0.0.1:{port}"
 
     async def guard(self, aw: Awaitable[T], timeout_s: float | None, what: str) -> T:
         """Await `aw` (at most `timeout_s`; None: no bound).
@@ -141,13 +161,21 @@ class ServerProcess:
             line = raw.decode(errors="replace").rstrip()
             self.log_tail.append(line)
             self.progress.say(f"server: {line}")
-            if not self.port.done() and (found := LISTENING.search(line)):
-                self.port.set_result(int(found.group(1)))
-            if not self.metrics_port.done() and (found := METRICS.search(line)):
-                self.metrics_port.set_result(int(found.group(1)))
-        for future, what in ((self.port, "listened"), (self.metrics_port, "served /metrics")):
+            for pattern, future, _ in self._ports():
+                if not future.done() and (found := pattern.search(line)):
+                    future.set_result(int(found.group(1)))
+        for _, future, what in self._ports():
             if not future.done():
                 future.set_exception(BenchmarkError(f"the server never {what}{self.tail()}"))
+                future.exception()  # marks it seen: a port nobody asked for is no error
+
+    def _ports(self) -> tuple[tuple[re.Pattern[str], asyncio.Future[int], str], ...]:
+        """Each port the log tells: its line, its future, and what it means in an error."""
+        return (
+            (LISTENING, self.port, "listened"),
+            (METRICS, self.metrics_port, "served /metrics"),
+            (HTTP, self.http_port, "served HTTP"),
+        )
 
 
 async def start_server(

@@ -1,7 +1,8 @@
 """Runs measured by streaming clients: closed-loop (W1) and Poisson open-loop (W2).
 
-Both take a `StreamFn`, so the same clients drive the gRPC server and the
-in-process engine, and the figures of the two paths are taken the same way.
+Both take a `StreamFn`, so the same clients drive the gRPC server, the HTTP
+frontend and the in-process engine, and the figures of every path are taken
+the same way.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """What a streaming client sees of each request, and the latency figures taken from it.
 
 A run is measured on the client side, the same way whatever serves it (the
-gRPC server or the in-process engine): a `StreamFn` turns one workload item
-into the token counts of its events as they arrive, and `take_trace` stamps
-each with `time.perf_counter()`.
+gRPC server, the HTTP frontend or the in-process engine): a `StreamFn` turns
+one workload item into the token counts of its events as they arrive, and
+`take_trace` stamps each with `time.perf_counter()`; a `StreamFn` over a
+wire checks how its stream ended with `check_ending`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,33 @@ StreamFn = Callable[[WorkItem], AsyncIterator[int]]
 
 # Told the token count of each chunk as it arrives (progress reporting).
 TokenSink = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a streamed request ended, as its terminal event (and usage) said."""
+
+    reason: str  # the wire's name for it ("FINISH_REASON_LENGTH", "length")
+    by_budget: bool  # the reason means "max new tokens reached"
+    generated: int | None  # tokens the server says it generated; None: it did not say
+    message: str = ""  # the error it carried, if any
+
+
+def check_ending(item: WorkItem, ending: Ending | None) -> None:
+    """The request must have ended by its budget, with exactly that many tokens generated.
+
+    The check every `StreamFn` over a wire makes at the end of a stream;
+    `ending` is None when the stream ended without a terminal event. Raises
+    BenchmarkError naming the request otherwise.
+    """
+    if ending is None:
+        raise BenchmarkError(f"{item.id}: the stream ended without a finish")
+    if not ending.by_budget:
+        detail = f" ({ending.message})" if ending.message else ""
+        raise BenchmarkError(f"{item.id}: ended with {ending.reason}{detail}")
+    if ending.generated != item.max_new_tokens:
+        said = "no count" if ending.generated is None else f"{ending.generated} tokens generated"
+        raise BenchmarkError(f"{item.id}: usage says {said}, expected {item.max_new_tokens}")
 
 
 @dataclass(frozen=True, slots=True)

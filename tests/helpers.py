@@ -148,14 +148,22 @@ class standard_attention:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.saved = model.config._attn_implementation
+        # a vision-language model's text config is the one treadle switches
+        self.saved = model.config.get_text_config()._attn_implementation
 
     def __enter__(self) -> Any:
-        self.model.set_attn_implementation("sdpa")
+        self.model.set_attn_implementation(_for_text(self.model, "sdpa"))
         return self.model
 
     def __exit__(self, *exc: object) -> None:
-        self.model.set_attn_implementation(self.saved)
+        self.model.set_attn_implementation(_for_text(self.model, self.saved))
+
+
+def _for_text(model: Any, implementation: str) -> Any:
+    """What `set_attn_implementation` takes to switch the text model only."""
+    if getattr(model.config, "vision_config", None) is not None:
+        return {"text_config": implementation}
+    return implementation
 
 
 class Exploding(LogitsPlugin):

@@ -44,14 +44,30 @@ VISION = {
 IMAGE_TOKENS = (IMAGE_SIZE // 8) ** 2  # 16 per image
 
 
-def build_vlm(kind: str, smol_dir: Path, out: Path, seed: int = 0) -> Path:
-    """Write a tiny `kind` ("deepseek_vl" or "llava") model and processor to `out`."""
+def patch_size(image_size: int) -> int:
+    """8 for the default 32-pixel images (16 image tokens); `image_size / 24` for larger ones,
+    so that they take 24 x 24 = 576 image tokens, as DeepSeek-VL 1.3B's 384-pixel ones do."""
+    patch = max(8, image_size // 24)
+    if image_size % patch:
+        raise ValueError(f"image_size: {image_size} is not a multiple of its patch size {patch}")
+    return patch
+
+
+def build_vlm(
+    kind: str, smol_dir: Path, out: Path, seed: int = 0, image_size: int = IMAGE_SIZE
+) -> Path:
+    """Write a tiny `kind` ("deepseek_vl" or "llava") model and processor to `out`, taking
+    `image_size` x `image_size` images (`patch_size` pixels a patch, one token a patch)."""
     from transformers import AutoTokenizer
 
     token = {"deepseek_vl": "<image_placeholder>", "llava": "<image>"}[kind]
     tokenizer = AutoTokenizer.from_pretrained(smol_dir, extra_special_tokens={"image_token": token})
     image_id = tokenizer.convert_tokens_to_ids(token)
-    text = {**TEXT, "vocab_size": len(tokenizer)}
+    patch = patch_size(image_size)
+    image_tokens = (image_size // patch) ** 2
+    positions = max(int(TEXT["max_position_embeddings"]), image_tokens + 256)  # an image and a chat
+    text = {**TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": positions}
+    vision = {**VISION, "image_size": image_size, "patch_size": patch}
     torch.manual_seed(seed)
     template = TEMPLATE.replace("IMAGE", token)
     if kind == "deepseek_vl":
@@ -62,13 +78,13 @@ def build_vlm(kind: str, smol_dir: Path, out: Path, seed: int = 0) -> Path:
             DeepseekVLProcessor,
         )
 
-        config = DeepseekVLConfig(text_config=text, vision_config=VISION, image_token_id=image_id)
+        config = DeepseekVLConfig(text_config=text, vision_config=vision, image_token_id=image_id)
         model: Any = DeepseekVLForConditionalGeneration(config)
-        images = DeepseekVLImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        images = DeepseekVLImageProcessor(size={"height": image_size, "width": image_size})
         processor: Any = DeepseekVLProcessor(
             image_processor=images,
             tokenizer=tokenizer,
-            num_image_tokens=IMAGE_TOKENS,
+            num_image_tokens=image_tokens,
             chat_template=template,
         )
     else:
@@ -79,16 +95,16 @@ def build_vlm(kind: str, smol_dir: Path, out: Path, seed: int = 0) -> Path:
             LlavaProcessor,
         )
 
-        vision = {**VISION, "model_type": "clip_vision_model", "projection_dim": 32}
-        config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_id)
+        clip = {**vision, "model_type": "clip_vision_model", "projection_dim": 32}
+        config = LlavaConfig(text_config=text, vision_config=clip, image_token_index=image_id)
         model = LlavaForConditionalGeneration(config)
-        size = {"shortest_edge": IMAGE_SIZE}
-        crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size = {"shortest_edge": image_size}
+        crop = {"height": image_size, "width": image_size}
         images = CLIPImageProcessor(size=size, crop_size=crop)
         processor = LlavaProcessor(
             image_processor=images,
             tokenizer=tokenizer,
-            patch_size=8,
+            patch_size=patch,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,  # CLIP's CLS, which "default" drops
             chat_template=template,

@@ -180,3 +180,33 @@ def test_images_only_in_user_messages_and_never_on_a_text_model(
     text = GenerationRequest(messages=[ChatMessage("user", "", parts=(TextPart("hi"),))])
     plain = GenerationRequest(messages=[ChatMessage("user", "hi")])
     assert text_only.factory.prompt_ids(text) == text_only.factory.prompt_ids(plain)
+
+
+async def test_image_chats_through_the_grpc_server_and_the_sdk(vlm: LoadedModel) -> None:
+    """A real server on the VLM: the SDK's image() answer equals the engine's (and so
+    generate's); bad images are refused with INVALID_ARGUMENT naming the part."""
+    from e2e.served import start_served
+
+    from treadle.client import AsyncClient, InvalidArgument
+    from treadle.client import image as sdk_image
+
+    served = await start_served(vlm, EngineConfig(max_batch_rows=4, max_seq_len=256))
+    try:
+        async with AsyncClient(served.target, timeout=60) as client:
+            info = await client.model_info()
+            assert info.accepts_images
+            question = [
+                {"role": "user", "content": [{"type": "image", "image": png(3)}, "What is it?"]}
+            ]
+            result = await client.generate(question, max_new_tokens=6, ignore_eos=True)
+            want = reference(vlm, ask("r", image(3), "What is it?", max_new=6))
+            assert list(result.token_ids) == want
+            assert sdk_image(png(3)).mime_type == "image/png"
+            broken = b"\x89PNG\r\n\x1a\n" + b"not really"  # a PNG signature, then nothing
+            bad = [{"role": "user", "content": [{"type": "image", "image": broken}]}]
+            with pytest.raises(InvalidArgument) as info_bad:
+                await client.generate(bad, max_new_tokens=2)
+    finally:
+        await served.stop()
+    assert info_bad.value.field == "chat.messages[0].parts[0]"
+    assert "not a decodable image" in str(info_bad.value)  # the server decoded it
