@@ -20,8 +20,6 @@ Pillow is needed only to pass a PIL image (encoded as PNG); the SDK never import
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import os
 import sys
@@ -30,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from ..api.checks import ParameterError
-from ..api.images import IMAGE_MIME_TYPES, ContentPart, ImagePart, TextPart
+from ..api.images import (
+    IMAGE_MIME_TYPES,
+    ContentPart,
+    DataUrlError,
+    ImagePart,
+    TextPart,
+    data_url_image,
+)
 from ..api.limits import RequestLimits
 from ..api.params import ChatMessage
 
@@ -134,18 +139,12 @@ def check_images(
 
 def _data_url_image(url: Any, field: str) -> ImagePart:
     """The image of a `data:<MIME type>;base64,<data>` URL; the server fetches no URL."""
-    if not isinstance(url, str) or not url.startswith("data:"):
-        raise ParameterError(
-            field, "image_url must be a data: URL (data:image/png;base64,...), or use image()"
-        )
-    header, _, data = url.removeprefix("data:").partition(",")
-    if not header.endswith(";base64"):
-        raise ParameterError(field, "image_url must be base64: data:<MIME type>;base64,...")
+    if not isinstance(url, str):
+        raise ParameterError(field, "image_url must be a data: URL, or use image()")
     try:
-        decoded = base64.b64decode(data, validate=True)
-    except binascii.Error:
-        raise ParameterError(field, "image_url holds data that is not base64") from None
-    return ImagePart(decoded, header.removesuffix(";base64").partition(";")[0].strip().lower())
+        return data_url_image(url)
+    except DataUrlError as exc:
+        raise ParameterError(field, f"image_url {exc}" if exc.of_url else str(exc)) from None
 
 
 def _is_pil_image(source: Any) -> bool:

@@ -10,18 +10,14 @@ the rest of its checks are the engine's (docs/vision.md).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 
-from ...api.images import ContentPart, ImagePart, TextPart
+from ...api.images import ContentPart, DataUrlError, TextPart, data_url_image
 from ...api.limits import RequestLimits
 from ...scheduler.errors import ValidationError
-from ..image_parts import check_image_bytes, check_image_count
+from ..image_parts import check_image_count
 from .protocol import ContentPart as ContentPartBody
 from .protocol import Message
-
-_BASE64_MARK = ";base64"
 
 
 def content_field(index: int, j: int) -> str:
@@ -48,11 +44,6 @@ def content_parts(
     return tuple(_part(content_field(index, j), part, limits) for j, part in enumerate(parts))
 
 
-def decoded_size(data: str) -> int:
-    """The bytes that base64 `data` decodes to (its length x 3/4, less the padding)."""
-    return len(data.rstrip("=")) * 3 // 4
-
-
 def _part(field: str, part: ContentPartBody, limits: RequestLimits) -> ContentPart:
     if part.type == "text" and part.text is not None:
         return TextPart(part.text)
@@ -65,19 +56,7 @@ def _part(field: str, part: ContentPartBody, limits: RequestLimits) -> ContentPa
 
 def _data_url_image(field: str, url: str, limits: RequestLimits) -> ContentPart:
     """The image of a `data:<MIME type>;base64,<data>` URL; any other URL is refused."""
-    if not url.startswith("data:"):
-        raise ValidationError(
-            field,
-            "image_url.url must be a data: URL (data:image/png;base64,...); "
-            "the server fetches no URL",
-        )
-    header, comma, data = url.removeprefix("data:").partition(",")
-    if not comma or not header.endswith(_BASE64_MARK):
-        raise ValidationError(field, "image_url.url must be base64: data:<MIME type>;base64,...")
-    check_image_bytes(field, decoded_size(data), limits)
     try:
-        decoded = base64.b64decode(data, validate=True)
-    except binascii.Error:
-        raise ValidationError(field, "image_url.url holds data that is not base64") from None
-    mime_type = header.removesuffix(_BASE64_MARK).partition(";")[0].strip().lower()
-    return ImagePart(decoded, mime_type)
+        return data_url_image(url, limits.max_image_bytes)
+    except DataUrlError as exc:
+        raise ValidationError(field, f"image_url.url {exc}" if exc.of_url else str(exc)) from None
