@@ -2,43 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from .open_set import OpenSet
+
 
 class CallTracker(grpc.aio.ServerInterceptor):
     """Counts every call from its handler's start until gRPC reports it terminated."""
 
     def __init__(self) -> None:
-        self._open: set[Any] = set()  # the ServicerContext of each open call
-        self._changed = asyncio.Event()
-
-    def snapshot(self) -> set[Any]:
-        """The calls open now."""
-        return set(self._open)
-
-    async def wait_closed(self, calls: set[Any], timeout: float) -> bool:
-        """Wait (at most `timeout` s) until every call in `calls` has terminated."""
-        try:
-            async with asyncio.timeout(timeout):
-                while calls & self._open:
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            return False
-        return True
+        self.calls = OpenSet()  # the ServicerContext of each open call
+        self.snapshot = self.calls.snapshot
+        self.wait_closed = self.calls.wait_closed
 
     def _track(self, context: Any) -> None:
-        self._open.add(context)
-        context.add_done_callback(lambda _: self._closed(context))
-
-    def _closed(self, context: Any) -> None:
-        self._open.discard(context)
-        self._changed.set()
+        self.calls.add(context)
+        context.add_done_callback(lambda _: self.calls.discard(context))
 
     async def intercept_service(
         self,

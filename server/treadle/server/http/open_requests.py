@@ -3,10 +3,9 @@ answers in progress (a stream's last chunks) reach their clients before the proc
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..open_set import OpenSet
 
 
 class OpenRequests:
@@ -14,31 +13,16 @@ class OpenRequests:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._open: set[Any] = set()  # the scope of each request being answered
-        self._changed = asyncio.Event()
+        self.requests = OpenSet()  # the id of each request's scope while it is answered
+        self.snapshot = self.requests.snapshot
+        self.wait_closed = self.requests.wait_closed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        self._open.add(id(scope))
+        self.requests.add(id(scope))
         try:
             await self.app(scope, receive, send)
         finally:
-            self._open.discard(id(scope))
-            self._changed.set()
-
-    def snapshot(self) -> set[Any]:
-        """The requests open now."""
-        return set(self._open)
-
-    async def wait_closed(self, requests: set[Any], timeout: float) -> bool:
-        """Wait (at most `timeout` s) until every request in `requests` has been answered."""
-        try:
-            async with asyncio.timeout(timeout):
-                while requests & self._open:
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            return False
-        return True
+            self.requests.discard(id(scope))
