@@ -41,16 +41,7 @@ class Served:
         await self.server.drain()
 
     def metrics(self) -> dict[str, float]:
-        """Scrape /metrics and parse it with prometheus-client's own parser."""
-        url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        values: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return values
+        return scrape_metrics(self.server.metrics_port)
 
     async def idle(self, timeout: float = 30) -> None:
         """Wait (bounded) until no request is in flight."""
@@ -157,3 +148,16 @@ async def read_rest(call: Any) -> list[Any]:
     while (message := await call.read()) is not grpc.aio.EOF:
         messages.append(message)
     return messages
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Scrape /metrics on `port` and parse it with prometheus-client's own parser: each
+    sample by `name{label=value,...}` (just `name` without labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values

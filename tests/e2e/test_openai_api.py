@@ -13,7 +13,6 @@ import json
 import re
 import shlex
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import httpx
 import openai
 import pytest
 from e2e.openai_server import OpenAIServer, start_openai_server, step_gate
+from e2e.served import scrape_metrics
 from e2e.test_drain import GATE_FD, Gate
 from e2e.test_serve_process import save_tiny_model
 from openai.types.chat import ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
 from treadle.v1 import treadle_pb2 as pb
 from treadle.v1 import treadle_pb2_grpc as pb_grpc
@@ -77,15 +76,7 @@ def chat_text(client: openai.OpenAI, model: str, **kw: Any) -> str:
 
 
 def metrics(server: OpenAIServer) -> dict[str, float]:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}"] = sample.value
-    return values
+    return scrape_metrics(server.metrics_port)
 
 
 # -- chat and completions -------------------------------------------------------------------
