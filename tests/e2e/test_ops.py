@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -159,7 +160,12 @@ NOBODY = 65534
 
 def _load_as_nobody(folder: Path, answer: Connection) -> None:
     """In a forked child: become uid/gid 65534, load `folder`, send ("ok", name) or
-    ("error", text). Nothing is exec'd, so the interpreter need not be readable by that uid."""
+    ("error", text). Nothing is exec'd, so the interpreter need not be readable by that uid.
+
+    The garbage collector first freezes what the child inherited: objects left over by
+    earlier tests (engines, servers) must not be collected here, where a finalizer would
+    wait for a thread the fork did not copy (seen: the load hung in such a join)."""
+    gc.freeze()
     try:
         os.setgroups([])
         os.setgid(NOBODY)
