@@ -13,7 +13,7 @@ EOS ignored; ratios treadle / each peer. Then image prefill against running text
 `--warm-tokens`, `--image-arrivals` image requests arrive at once; the streams'
 inter-token gaps (p50, p99, max) before and during the image prefills, and the images'
 time to first token. The model: a tiny random DeepSeek-VL built for the image size
-(`tests/vlm_models.py`; 384 px: 576 image tokens, as DeepSeek-VL 1.3B) unless `--model`
+(`bench/vlm_models.py`; 384 px: 576 image tokens, as DeepSeek-VL 1.3B) unless `--model`
 names a real one. Figures go to `<out>/vlm-<stamp>.json/.md` (and `vlm-latest.*`).
 """
 
@@ -41,11 +41,11 @@ from bench.scenario import scenario_parser
 from bench.vlm_engine import run_treadle_images
 from bench.vlm_gap import GapScenario, run_image_arrivals
 from bench.vlm_generate import run_generate_images
+from bench.vlm_models import build_vlm
 from bench.vlm_requests import (
     ImageQuestion,
     image_questions,
     processor_prompt_ids,
-    tests_module,
     text_chat,
 )
 from treadle.scheduler.engine import EngineConfig
@@ -79,7 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tiny_vlm(folder: Path, image_size: int) -> Path:
     """Build the tests' tiny random DeepSeek-VL for `image_size` pictures into `folder`."""
-    build_vlm = tests_module("vlm_models").build_vlm
     smol = converted_gguf(embedded_gguf_path())
     return Path(build_vlm("deepseek_vl", smol, folder, image_size=image_size))
 

@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from treadle.api.images import ImagePart, TextPart
 from treadle.api.params import ChatMessage
 from treadle.scheduler.generation_request import GenerationRequest
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
+from .vlm_models import png
 
 QUESTIONS = (
     "What is in this picture?",
@@ -28,13 +25,6 @@ QUESTIONS = (
     "Does this picture show any people?",
     "What mood does this image give?",
 )
-
-
-def tests_module(name: str) -> Any:
-    """A helper module of tests/ (`vlm_models`): the tiny models and pictures the tests use."""
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    return importlib.import_module(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +60,6 @@ class ImageQuestion:
 def image_questions(count: int, image_size: int, seed: int) -> list[ImageQuestion]:
     """`count` distinct random `image_size` x `image_size` PNG pictures (seeded), each with
     one of `QUESTIONS` in turn."""
-    png = tests_module("vlm_models").png
     size = (image_size, image_size)
     return [
         ImageQuestion(f"img{i}", png(seed + i, size), QUESTIONS[i % len(QUESTIONS)])

@@ -63,13 +63,18 @@ def drive(
             assert gen.request_id is not None
             sink = out.setdefault(gen.request_id, Collected()).events.extend
             engine.scheduler.add(engine.factory.build(gen, gen.request_id, sink))
-        plan = engine.scheduler.schedule()
-        if not plan.is_empty:
-            engine.scheduler.update(plan, engine.worker.execute(plan))
-        for req, events in engine.scheduler.take_events():
-            req.sink(events)
+        run_step(engine)
         step += 1
     return out
+
+
+def run_step(engine: Engine) -> None:
+    """One engine step on this thread: schedule, run the plan, deliver the events."""
+    plan = engine.scheduler.schedule()
+    if not plan.is_empty:
+        engine.scheduler.update(plan, engine.worker.execute(plan))
+    for req, events in engine.scheduler.take_events():
+        req.sink(events)
 
 
 async def collect(engine: Engine, gen: GenerationRequest) -> Collected:

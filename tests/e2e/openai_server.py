@@ -6,7 +6,6 @@ line; every wait is bounded.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import re
@@ -14,11 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from e2e.test_drain import Gate
 
 SERVE = [sys.executable, "-m", "treadle.client.cli", "serve"]
 START_S = 120  # a start (model load and warm-up) takes seconds; bounded generously
@@ -106,15 +102,3 @@ def start_openai_server(
         server.kill()
         raise
     return server
-
-
-@contextlib.contextmanager
-def step_gate() -> Iterator[Gate]:
-    """The test's end of test_drain's step gate (its `gate` fixture, as a context)."""
-    read_fd, write_fd = os.pipe()
-    gate = Gate(read_fd, write_fd)
-    try:
-        yield gate
-    finally:
-        gate.open()
-        os.close(read_fd)

@@ -9,6 +9,7 @@ server answers; no timing is assumed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator, Mapping, Sequence
@@ -80,15 +81,22 @@ def model_dir(tmp_path: Path, tokenizer: Any) -> Path:
     return save_tiny_model(tmp_path / "tiny", tokenizer)
 
 
+@contextlib.contextmanager
+def step_gate() -> Iterator[Gate]:
+    """A step gate for a server process to inherit; opened and closed on the way out."""
+    read_fd, write_fd = os.pipe()
+    gate = Gate(read_fd, write_fd)
+    try:
+        yield gate
+    finally:
+        gate.open()
+        os.close(read_fd)
+
+
 @pytest.fixture
 def gate() -> Iterator[Gate]:
-    read_fd, write_fd = os.pipe()
-    g = Gate(read_fd, write_fd)
-    try:
+    with step_gate() as g:
         yield g
-    finally:
-        g.open()
-        os.close(read_fd)
 
 
 async def start_gated(model_dir: Path, gate: Gate, *args: str) -> ServeProcess:

@@ -21,9 +21,9 @@ import grpc
 import httpx
 import openai
 import pytest
-from e2e.openai_server import OpenAIServer, start_openai_server, step_gate
+from e2e.openai_server import OpenAIServer, start_openai_server
 from e2e.served import scrape_metrics
-from e2e.test_drain import GATE_FD, Gate
+from e2e.test_drain import GATE_FD, Gate, step_gate
 from e2e.test_serve_process import save_tiny_model
 from openai.types.chat import ChatCompletionMessageParam
 

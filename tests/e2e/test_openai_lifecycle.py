@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from e2e.openai_server import start_openai_server, step_gate
+from e2e.openai_server import start_openai_server
 from e2e.served import Served, start_served
-from e2e.test_drain import GATE_FD, Gate
+from e2e.test_drain import GATE_FD, Gate, step_gate
 from e2e.test_serve_process import save_tiny_model
 
 from treadle.server.server import ServerConfig

@@ -178,6 +178,7 @@ def test_the_client_imports_neither_torch_nor_transformers() -> None:
 ENGINE_SURFACE = {
     "info",
     "tokenize",
+    "token_strings",
     "accepting",
     "num_in_flight",
     "num_running",

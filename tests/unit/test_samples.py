@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 import pytest
-from helpers import Collected, drive, pool_bytes, reference_greedy, run_checked
+from helpers import Collected, drive, pool_bytes, reference_greedy, run_checked, run_step
 
 from treadle.api.outcome import FinishReason
 from treadle.scheduler.engine import Engine, EngineConfig
@@ -129,11 +129,7 @@ def test_an_abort_ends_every_sample_and_frees_every_block(tiny: LoadedModel, at_
             assert engine.scheduler.abort("x")
         if not engine.scheduler.has_work:
             break
-        plan = engine.scheduler.schedule()
-        if not plan.is_empty:
-            engine.scheduler.update(plan, engine.worker.execute(plan))
-        for req, events in engine.scheduler.take_events():
-            req.sink(events)
+        run_step(engine)
         engine.scheduler.check_invariants()
     assert not engine.scheduler.has_work and engine.scheduler.pool.num_used == 0
     finishes = [e for e in got["x"].events if isinstance(e, FinishEvent)]

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import drive, run_checked, standard_attention
-from vlm_models import build_vlm, png
+from helpers import drive, run_checked, run_step, standard_attention
 
+from bench.vlm_models import build_vlm, png
 from treadle.api.images import ImagePart, TextPart
 from treadle.api.limits import RequestLimits
 from treadle.api.outcome import FinishReason
@@ -127,11 +127,7 @@ def test_a_cancelled_image_request_frees_everything(vlm: LoadedModel) -> None:
     for _ in range(5):
         if not engine.scheduler.has_work:
             break
-        plan = engine.scheduler.schedule()
-        if not plan.is_empty:
-            engine.scheduler.update(plan, engine.worker.execute(plan))
-        for r, evs in engine.scheduler.take_events():
-            r.sink(evs)
+        run_step(engine)
     assert not engine.scheduler.has_work
     engine.scheduler.check_invariants()
     assert engine.scheduler.pool.num_used == 0

@@ -198,6 +198,12 @@ class Engine:
         ids = self.factory.prompt_ids(gen)
         return ids, [str(t) for t in self.inputs.tokenizer.convert_ids_to_tokens(ids)]
 
+    def token_strings(self) -> list[str]:
+        """Every token id's string, in id order, as the tokenizer spells it (ids past the
+        tokenizer's vocabulary, where the logits are wider, read "None"). Blocking."""
+        ids = list(range(self.info.vocab_size))
+        return [str(t) for t in self.inputs.tokenizer.convert_ids_to_tokens(ids)]
+
     @property
     def accepting(self) -> bool:
         """Whether `submit` takes new requests (False before `start`, and once stopping)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..api.images import ImagePart, TextPart
+from ..api.images import TextPart
 from ..api.params import ChatMessage
 from ..worker.vision import ImageInputs
 from .errors import ValidationError
@@ -186,5 +186,4 @@ def _parts(m: ChatMessage) -> Any:
     return [
         {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
         for p in m.parts
-        if isinstance(p, TextPart | ImagePart)
     ]

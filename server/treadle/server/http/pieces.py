@@ -3,7 +3,7 @@
 A token need not be whole UTF-8 (byte-level BPE splits characters), so its bytes are the
 raw bytes it stands for and its text is those bytes decoded with replacement characters.
 The table covers the whole vocabulary and is built once, off the event loop, when the
-engine is attached (from the token strings `Engine.tokenize` reports); a lookup is then a
+engine is attached (from `Engine.token_strings`); a lookup is then a
 list index.
 """
 
@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 
 from ...scheduler.engine import Engine
-from ...scheduler.generation_request import GenerationRequest
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
@@ -24,15 +23,8 @@ class TokenPieces:
 
     @classmethod
     def of_engine(cls, engine: Engine) -> TokenPieces:
-        """The table of `engine`'s vocabulary, read through `Engine.tokenize` in chunks of
-        token ids it accepts (blocking: run it off the event loop)."""
-        info = engine.info
-        step = max(1, info.max_total_tokens - 1)
-        tokens: list[str] = []
-        for start in range(0, info.vocab_size, step):
-            ids = list(range(start, min(info.vocab_size, start + step)))
-            tokens += engine.tokenize(GenerationRequest(prompt_token_ids=ids))[1]
-        return cls.of_tokens(tokens)
+        """The table of `engine`'s vocabulary (blocking: run it off the event loop)."""
+        return cls.of_tokens(engine.token_strings())
 
     @classmethod
     def of_tokens(cls, tokens: list[str]) -> TokenPieces:

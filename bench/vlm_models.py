@@ -1,7 +1,8 @@
-"""Tiny random vision-language models, built from configs with their processors and saved
-to a folder that `load_model` (and `treadle serve --model`) loads: DeepSeek-VL (SigLIP
-vision tower, aligner, llama) and LLaVA (CLIP vision tower, projector, llama), both over
-SmolLM2's tokenizer with the model's image token added. Seeded, so deterministic."""
+"""Tiny random vision-language models for the tests and bench/vlm.py, built from configs
+with their processors and saved to a folder that `load_model` (and `treadle serve
+--model`) loads: DeepSeek-VL (SigLIP vision tower, aligner, llama) and LLaVA (CLIP vision
+tower, projector, llama), both over SmolLM2's tokenizer with the model's image token
+added. Seeded, so deterministic."""
 
 from __future__ import annotations
 
@@ -61,11 +62,15 @@ def build_vlm(
     from transformers import AutoTokenizer
 
     token = {"deepseek_vl": "<image_placeholder>", "llava": "<image>"}[kind]
-    tokenizer = AutoTokenizer.from_pretrained(smol_dir, extra_special_tokens={"image_token": token})
-    image_id = tokenizer.convert_tokens_to_ids(token)
+    tokenizer: Any = AutoTokenizer.from_pretrained(
+        smol_dir, extra_special_tokens={"image_token": token}
+    )
+    image_id: int = tokenizer.convert_tokens_to_ids(token)
     patch = patch_size(image_size)
     image_tokens = (image_size // patch) ** 2
-    positions = max(int(TEXT["max_position_embeddings"]), image_tokens + 256)  # an image and a chat
+    positions = max(
+        512, image_tokens + 256
+    )  # TEXT's 512 positions, or an image and a chat  # an image and a chat
     text = {**TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": positions}
     vision = {**VISION, "image_size": image_size, "patch_size": patch}
     torch.manual_seed(seed)
@@ -78,9 +83,11 @@ def build_vlm(
             DeepseekVLProcessor,
         )
 
-        config = DeepseekVLConfig(text_config=text, vision_config=vision, image_token_id=image_id)
+        config: Any = DeepseekVLConfig(
+            text_config=text, vision_config=vision, image_token_id=image_id
+        )
         model: Any = DeepseekVLForConditionalGeneration(config)
-        images = DeepseekVLImageProcessor(size={"height": image_size, "width": image_size})
+        images: Any = DeepseekVLImageProcessor(size={"height": image_size, "width": image_size})
         processor: Any = DeepseekVLProcessor(
             image_processor=images,
             tokenizer=tokenizer,
