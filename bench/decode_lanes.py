@@ -1,9 +1,10 @@
 """Microbenchmark: a W1-like step with and without decode lanes, interleaved.
 
-    python bench/decode_lanes.py [--rows 50] [--lanes-positions 0 128 192] [--rounds 7]
+    python bench/decode_lanes.py [--rows 50] [--lanes-memory-mib 0 576] [--rounds 7]
 
-One SmolLM2 worker per setting (lanes of N positions for each of 64 batch
-rows; 0 = none, every decode row gathered from the pool). Every step feeds
+One SmolLM2 worker per setting (`--decode-lanes-memory` of N MiB, in the
+worker's tiers: with 64 batch rows, 576 MiB gives 64 lanes of 96 positions
+and 32 of 192; 0 = none, every decode row gathered from the pool). Every step feeds
 `--rows` decoding rows whose contexts spread over W1's range (36..183
 positions, each growing by one a step and starting over as a new request
 past the end) and one prompt chunk of 18 tokens after a 24-token cached
@@ -27,7 +28,6 @@ if __package__ in (None, ""):  # run as a script: make the treadle packages impo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from treadle.worker.history import TokenHistory
-from treadle.worker.kv_cache import KVShape
 from treadle.worker.loader import LoadedModel, load_model
 from treadle.worker.params import SamplingParams
 from treadle.worker.plan import RowInput, StepPlan
@@ -69,16 +69,18 @@ class Feed:
         return StepPlan(step=self.step, decode=decode, prefill=[chunk])
 
 
-def worker_for(loaded: LoadedModel, positions: int) -> Worker:
-    shape = KVShape.for_model(loaded.model.config, num_blocks=1, block_size=16)
-    # the memory that gives `positions` per lane (a little over, so whole blocks come out)
-    memory = BATCH_ROWS * (positions + 8) * shape.bytes_per_token(loaded.dtype)
-    config = WorkerConfig(max_batch_rows=BATCH_ROWS, max_seq_len=256, decode_lanes_memory=memory)
-    worker = Worker(loaded, config)
-    got = worker.runner.lanes.lane_len if worker.runner.lanes is not None else 0
-    if got != positions:
-        raise SystemExit(f"--lanes-positions {positions}: the lanes came out at {got}")
-    return worker
+def worker_for(loaded: LoadedModel, mib: int) -> Worker:
+    config = WorkerConfig(
+        max_batch_rows=BATCH_ROWS, max_seq_len=256, decode_lanes_memory=mib * 2**20
+    )
+    return Worker(loaded, config)
+
+
+def tiers_of(worker: Worker) -> str:
+    lanes = worker.runner.lanes
+    if lanes is None:
+        return "no lanes"
+    return " + ".join(f"{t.lanes} x {t.lane_len}" for t in lanes.tiers)
 
 
 def timed(worker: Worker, feed: Feed, steps: int) -> float:
@@ -91,12 +93,12 @@ def timed(worker: Worker, feed: Feed, steps: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=50, help="decoding rows (W1's mean batch: 50)")
-    ap.add_argument("--lanes-positions", type=int, nargs="+", default=[0, 128, 192])
+    ap.add_argument("--lanes-memory-mib", type=int, nargs="+", default=[0, 576])
     ap.add_argument("--steps", type=int, default=8, help="steps per setting per round")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
     loaded = load_model(None)
-    settings = {p: (worker_for(loaded, p), Feed(args.rows, 16)) for p in args.lanes_positions}
+    settings = {m: (worker_for(loaded, m), Feed(args.rows, 16)) for m in args.lanes_memory_mib}
     for worker, feed in settings.values():
         timed(worker, feed, 2)  # warm-up
     times: dict[int, list[float]] = {p: [] for p in settings}
@@ -105,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
             times[p].append(timed(worker, feed, args.steps))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows={args.rows}")
-    base = args.lanes_positions[0]
-    for p, ts in times.items():
+    base = args.lanes_memory_mib[0]
+    for m, ts in times.items():
         paired = statistics.median(t / b for t, b in zip(ts, times[base], strict=True))
         print(
-            f"lanes {p:4d} positions: ms per step {[round(1000 * t, 1) for t in ts]}, "
-            f"median {1000 * statistics.median(ts):.1f}, / lanes {base}: {paired:.3f}"
+            f"lanes {m:4d} MiB ({tiers_of(settings[m][0])}): ms per step "
+            f"{[round(1000 * t, 1) for t in ts]}, median {1000 * statistics.median(ts):.1f}, "
+            f"/ {base} MiB: {paired:.3f}"
         )
 
 

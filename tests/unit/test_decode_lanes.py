@@ -1,9 +1,10 @@
 """Decode lanes on a tiny random llama: logits equal transformers' own whoever holds a lane.
 
 Sequences keep their `TokenHistory` across steps as requests do, so lanes
-persist; the schedules make rows join, leave, come back, outgrow their lane
-and outnumber the lanes, over scattered and reused blocks, and every
-sampled logit is compared with the cache-free forward of the same sequence.
+persist; the schedules make rows join, leave, come back, move up a tier,
+outgrow every lane and outnumber the lanes, over scattered and reused blocks,
+and every sampled logit is compared with the cache-free forward of the same
+sequence.
 """
 
 from __future__ import annotations
@@ -51,12 +52,19 @@ class Seq:
         )  # fmt: skip
 
 
-def make(loaded: LoadedModel, num_blocks: int, lanes: int, lane_len: int) -> ModelRunner:
+def make(loaded: LoadedModel, num_blocks: int, tiers: list[tuple[int, int]]) -> ModelRunner:
+    """A runner whose lanes come in `tiers`, (lanes, lane_len) each."""
     shape = KVShape.for_model(loaded.model.config, num_blocks=num_blocks, block_size=BLOCK)
     cache = PagedKVCache(shape, loaded.dtype, loaded.device)
-    return ModelRunner(
-        loaded, cache, DecodeLanes(shape, lanes, lane_len, loaded.dtype, loaded.device)
-    )
+    return ModelRunner(loaded, cache, DecodeLanes(shape, tiers, loaded.dtype, loaded.device))
+
+
+def assert_compact(lanes: DecodeLanes) -> None:
+    """Every tier's held lanes are 0..n-1, each within its tier's length."""
+    for tier in lanes.tiers:
+        held = sorted(h.lane for h in tier.held.values())
+        assert held == list(range(len(held)))
+        assert all(h.length <= tier.lane_len for h in tier.held.values())
 
 
 def step(runner: ModelRunner, plan: StepPlan, seqs: dict[str, Seq]) -> None:
@@ -80,14 +88,18 @@ def scattered(num_blocks: int, seed: int) -> list[int]:
     return free
 
 
-def test_rows_joining_leaving_outgrowing_and_outnumbering_lanes(tiny: LoadedModel) -> None:
-    """Three lanes of 12 positions for up to six decoding rows: some rows read lanes,
-    the rest are gathered, rows outgrow their lane mid-way, sit out steps and return,
-    and new rows take lanes that stale rows left (filled from the pool)."""
+@pytest.mark.parametrize("tiers", [[(3, 12)], [(3, 8), (2, 16)]], ids=["one-tier", "two-tiers"])
+def test_rows_joining_leaving_outgrowing_and_outnumbering_lanes(
+    tiny: LoadedModel, tiers: list[tuple[int, int]]
+) -> None:
+    """A few short lanes for up to six decoding rows of 20 positions: some rows read
+    lanes, the rest are gathered, rows move up a tier and outgrow every lane mid-way,
+    sit out steps and return, new rows take lanes that stale rows left (filled from the
+    pool), and lanes move down to close the holes."""
     rng = random.Random(0)
     num_blocks = 160
     free = scattered(num_blocks, seed=0)
-    runner = make(tiny, num_blocks, lanes=3, lane_len=12)
+    runner = make(tiny, num_blocks, tiers)
     assert runner.lanes is not None
     seqs: dict[str, Seq] = {}
     waiting = [rng.randrange(3, 9) for _ in range(9)]  # prompt lengths of later arrivals
@@ -113,7 +125,7 @@ def test_rows_joining_leaving_outgrowing_and_outnumbering_lanes(tiny: LoadedMode
         held = runner.lanes.held()  # which rows read lanes this step
         lane_steps += len(held)
         gathered_steps += len(plan.decode) - len(held)
-        assert len(held) <= 3 and all(h.length <= 12 for h in held)
+        assert_compact(runner.lanes)
     assert lane_steps > 20 and gathered_steps > 20  # both paths ran, many times
     assert all(s.done == total for s in seqs.values())
     for s in seqs.values():
@@ -121,30 +133,35 @@ def test_rows_joining_leaving_outgrowing_and_outnumbering_lanes(tiny: LoadedMode
 
 
 def test_a_lane_is_kept_only_while_its_sequence_decodes_on(tiny: LoadedModel) -> None:
-    free = scattered(32, seed=1)
-    runner = make(tiny, 32, lanes=2, lane_len=16)
+    """A sequence that sits a step out loses its lane; the one above moves down into it
+    (copied, not refilled) and the returning sequence is refilled from the pool."""
+    free = scattered(48, seed=1)
+    runner = make(tiny, 48, [(3, 16)])
     lanes = runner.lanes
     assert lanes is not None
     rng = random.Random(1)
-    a, b = (Seq(n, [rng.randrange(3, 40000) for _ in range(12)], free[i * 3 : i * 3 + 3])
-            for i, n in enumerate("ab"))  # fmt: skip
-    seqs = {"a": a, "b": b}
-    step(runner, StepPlan(step=0, prefill=[a.row(5), b.row(5)]), seqs)
+    a, b, c = (Seq(n, [rng.randrange(3, 40000) for _ in range(12)], free[i * 3 : i * 3 + 3])
+               for i, n in enumerate("abc"))  # fmt: skip
+    seqs = {"a": a, "b": b, "c": c}
+    step(runner, StepPlan(step=0, prefill=[a.row(5), b.row(5), c.row(5)]), seqs)
     assert not lanes.held()  # prefill rows take no lane
-    step(runner, StepPlan(step=1, decode=[a.row(1), b.row(1)]), seqs)
+    step(runner, StepPlan(step=1, decode=[a.row(1), b.row(1), c.row(1)]), seqs)
     first = {h.history: h.lane for h in lanes.held()}
-    assert sorted(first.values()) == [0, 1]
-    step(runner, StepPlan(step=2, decode=[b.row(1)]), seqs)  # a sits out: loses its lane
-    assert {h.history for h in lanes.held()} == {b.history}
-    step(runner, StepPlan(step=3, decode=[a.row(1), b.row(1)]), seqs)  # a refilled
-    assert {h.history: h.lane for h in lanes.held()}[b.history] == first[b.history]
+    assert sorted(first.values()) == [0, 1, 2]
+    gone = min(first, key=lambda h: first[h])  # the sequence in lane 0
+    stay = [s for s in (a, b, c) if s.history is not gone]
+    step(runner, StepPlan(step=2, decode=[s.row(1) for s in stay]), seqs)
+    assert {h.history for h in lanes.held()} == {s.history for s in stay}
+    assert_compact(lanes)  # the top lane moved down into the hole
+    step(runner, StepPlan(step=3, decode=[s.row(1) for s in (a, b, c)]), seqs)  # refilled
+    assert_compact(lanes)
     for s in seqs.values():
         check(tiny, s)
 
 
 def test_a_failed_step_drops_every_lane(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     free = scattered(16, seed=2)
-    runner = make(tiny, 16, lanes=2, lane_len=16)
+    runner = make(tiny, 16, [(2, 16)])
     assert runner.lanes is not None
     a = Seq("a", list(range(3, 15)), free[:3])
     seqs = {"a": a}
@@ -155,7 +172,7 @@ def test_a_failed_step_drops_every_lane(tiny: LoadedModel, monkeypatch: pytest.M
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(runner.lanes, "write", broken)
+    monkeypatch.setattr(runner.lanes.tiers[0], "write", broken)
     with pytest.raises(RuntimeError, match="injected"):
         runner.forward(StepPlan(step=2, decode=[a.row(1)]))
     assert not runner.lanes.held()  # nothing trusted after a failure
@@ -164,20 +181,24 @@ def test_a_failed_step_drops_every_lane(tiny: LoadedModel, monkeypatch: pytest.M
     check(tiny, a)
 
 
-def test_lane_length_from_the_config(tiny: LoadedModel) -> None:
+def test_lane_tiers_from_the_config(tiny: LoadedModel) -> None:
+    """Two tiers of equal memory: max_batch_rows lanes of L, half as many of 2L."""
     per_token = KVShape.for_model(tiny.model.config, 1, 16).bytes_per_token(tiny.dtype)
-    config = WorkerConfig(max_batch_rows=4, num_blocks=64, decode_lanes_memory=4 * 37 * per_token)
-    worker = Worker(tiny, config)
+    memory = 2 * 4 * 37 * per_token  # L = 37 positions, in whole blocks: 32
+    worker = Worker(tiny, WorkerConfig(max_batch_rows=4, num_blocks=64, decode_lanes_memory=memory))
     assert worker.runner.lanes is not None
-    assert (worker.runner.lanes.lanes, worker.runner.lanes.lane_len) == (4, 32)  # whole blocks
+    assert [(t.lanes, t.lane_len) for t in worker.runner.lanes.tiers] == [(4, 32), (2, 64)]
     off = Worker(tiny, WorkerConfig(num_blocks=64, decode_lanes_memory=0))
     assert off.runner.lanes is None
-    small = WorkerConfig(max_batch_rows=4, num_blocks=64, decode_lanes_memory=4 * 15 * per_token)
+    small = WorkerConfig(max_batch_rows=4, num_blocks=64, decode_lanes_memory=8 * 15 * per_token)
     assert Worker(tiny, small).runner.lanes is None  # under one block per lane
     capped = Worker(tiny, WorkerConfig(num_blocks=64, max_seq_len=100))  # default budget
-    assert capped.runner.lanes is not None and capped.runner.lanes.lane_len == 96
+    assert capped.runner.lanes is not None  # one tier: the sequence length caps both
+    assert [t.lane_len for t in capped.runner.lanes.tiers] == [96]
     with pytest.raises(ValueError, match="decode_lanes_memory"):
         Worker(tiny, WorkerConfig(num_blocks=64, decode_lanes_memory=-1))
+    with pytest.raises(ValueError, match="grow in length"):
+        DecodeLanes(worker.runner.lanes.tiers[0].shape, [(2, 32), (2, 32)], tiny.dtype, tiny.device)
 
 
 def test_a_lane_that_does_not_end_just_before_the_row_is_refilled(tiny: LoadedModel) -> None:
@@ -185,14 +206,14 @@ def test_a_lane_that_does_not_end_just_before_the_row_is_refilled(tiny: LoadedMo
     plan that fed its sequence another way) gets its lane refilled from the pool."""
     shape = KVShape.for_model(tiny.model.config, num_blocks=8, block_size=BLOCK)
     cache = PagedKVCache(shape, tiny.dtype, tiny.device)
-    lanes = DecodeLanes(shape, 2, 16, tiny.dtype, tiny.device)
+    lanes = DecodeLanes(shape, [(2, 16)], tiny.dtype, tiny.device)
     seq = Seq("a", list(range(3, 15)), [0, 1, 2])
     seq.done = 5
-    first = lanes.plan(cache, [seq.row(1)], tiny.device)
-    assert first is not None and first.fill is not None  # new: filled with positions 0..4
+    [first] = lanes.plan(cache, [seq.row(1)], tiny.device)
+    assert first.fill is not None  # new: filled with positions 0..4
     seq.done = 6
-    again = lanes.plan(cache, [seq.row(1)], tiny.device)
-    assert again is not None and again.fill is None  # continuing: only the new token
+    [again] = lanes.plan(cache, [seq.row(1)], tiny.device)
+    assert again.fill is None  # continuing: only the new token
     seq.done = 8  # positions 6 and 7 never went through the lane
-    jumped = lanes.plan(cache, [seq.row(1)], tiny.device)
-    assert jumped is not None and jumped.fill is not None and jumped.fill.length == 8
+    [jumped] = lanes.plan(cache, [seq.row(1)], tiny.device)
+    assert jumped.fill is not None and jumped.fill.length == 8

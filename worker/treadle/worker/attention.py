@@ -9,7 +9,7 @@ our `PagedLayout` (passed through the model's `**kwargs` as `treadle_layout`).
 The function writes the new keys/values into their blocks, then attends:
 
 - decode tokens of rows that hold a decode lane (`decode_lanes.py`) in one
-  batch over the lanes' strided view, nothing gathered;
+  batch per lane tier over the tier's strided view, nothing gathered;
 - the other decode tokens in a few batches of rows of similar length (`DecodeGroup`):
   query `[g, KVH, rep, Dh]` (grouped heads folded into the query length)
   against each row's blocks gathered into `[g, KVH, K, Dh]` (K: the group's
@@ -88,8 +88,8 @@ class PagedLayout:
     positions: torch.Tensor  # [T] long: position of each packed token in its sequence
     write_index: torch.Tensor  # [KVH * T] long: pool rows the step's keys/values go to
     num_decode: int  # D: packed tokens 0..D-1 are the decode rows' tokens
-    lane_group: LaneGroup | None = None  # decode rows read from lanes; with the groups,
-    decode_groups: list[DecodeGroup] = field(default_factory=list)  # they cover 0..D-1
+    lane_groups: list[LaneGroup] = field(default_factory=list)  # decode rows read from lanes;
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # with these, all of 0..D-1
     chunks: list[Chunk] = field(default_factory=list)
 
     @classmethod
@@ -113,8 +113,8 @@ class PagedLayout:
             span = range(r.start, r.start + len(r.input_ids))
             positions.extend(span)
             slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
-        lane_group = lanes.plan(cache, decode, device) if lanes is not None else None
-        in_lanes = set(lane_group.rows.tolist()) if lane_group is not None else set()
+        lane_groups = lanes.plan(cache, decode, device) if lanes is not None else []
+        in_lanes = {i for g in lane_groups for i in g.rows.tolist()}
         gathered = [i for i in range(len(decode)) if i not in in_lanes]
         groups = [_decode_group(cache, decode, g, device) for g in _group_rows(decode, gathered)]
         chunks: list[Chunk] = []
@@ -127,7 +127,7 @@ class PagedLayout:
             positions=torch.tensor(positions, device=device),  # [T]
             write_index=cache.write_index(torch.tensor(slots, device=device)),  # [KVH * T]
             num_decode=len(decode),
-            lane_group=lane_group,
+            lane_groups=lane_groups,
             decode_groups=groups,
             chunks=chunks,
         )
@@ -210,8 +210,8 @@ def paged_attention(
     if layer is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx: cannot place its KV")
     layout.cache.write(layer, layout.write_index, key[0], value[0])
-    if layout.lane_group is not None:
-        _write_lanes(layout.lane_group, layout.cache, layer, key[0], value[0])
+    for group in layout.lane_groups:
+        _write_lanes(group, layout.cache, layer, key[0], value[0])
     q = query[0]  # [H, T, Dh]
     outputs: list[torch.Tensor] = []
     if layout.num_decode:
@@ -245,12 +245,11 @@ def _attend_decode(
     kv_heads = layout.cache.shape.kv_heads
     # Grouped heads share their KV head: fold the group into the query length.
     q_dec = q[:, :d].transpose(0, 1).reshape(d, kv_heads, heads // kv_heads, head_dim)
-    lane_group = layout.lane_group
-    if lane_group is None and len(layout.decode_groups) == 1:  # one batch in row order
+    if not layout.lane_groups and len(layout.decode_groups) == 1:  # one batch in row order
         return _attend_group(layout, layer, layout.decode_groups[0], q_dec, scaling)
     out = q.new_empty(d, heads, head_dim)  # [D, H, Dh]
-    if lane_group is not None:
-        out[lane_group.rows] = _attend_lanes(lane_group, layer, q_dec, scaling)
+    for lanes in layout.lane_groups:
+        out[lanes.rows] = _attend_lanes(lanes, layer, q_dec[lanes.rows], scaling)
     for group in layout.decode_groups:
         out[group.rows] = _attend_group(layout, layer, group, q_dec[group.rows], scaling)
     return out
@@ -259,18 +258,16 @@ def _attend_decode(
 def _attend_lanes(
     group: LaneGroup,
     layer: int,
-    q_dec: torch.Tensor,
+    q: torch.Tensor,
     scaling: float | None,
 ) -> torch.Tensor:
-    """The lane rows over the lanes' view; q_dec: every decode row's `[D, KVH, rep, Dh]`.
-    Returns `[m, H, Dh]` for `group.rows`. Idle lanes among 0..w-1 get a zero query."""
+    """One tier's lane rows over its lanes' view; q: their `[w, KVH, rep, Dh]` in lane
+    order. Returns `[w, H, Dh]`."""
     keys, values = group.store.view(layer, group)  # [w, KVH, K, Dh]
-    q = q_dec.new_zeros(group.width, *q_dec.shape[1:])  # [w, KVH, rep, Dh]
-    q[group.lanes] = q_dec[group.rows]
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=group.mask, scale=scaling
     )  # [w, KVH, rep, Dh]
-    return out[group.lanes].reshape(int(group.rows.numel()), -1, q_dec.shape[-1])  # [m, H, Dh]
+    return out.reshape(group.width, -1, q.shape[-1])  # [w, H, Dh]
 
 
 def _attend_group(

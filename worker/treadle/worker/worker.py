@@ -17,11 +17,13 @@ from .plan import RowInput, RowOutput, StepOutput, StepPlan
 from .plugins import run_stopping_plugins
 from .processors import LogitsPipeline
 from .sampling import Sampler
+from .step_cost import attention_span
 
 log = logging.getLogger("treadle.worker")
 
 CPU_KV_CACHE_MEMORY = 2**30  # bytes of KV pool on the CPU when not configured
-CPU_DECODE_LANES_MEMORY = 384 * 2**20  # bytes of decode lanes on the CPU when not configured
+CPU_DECODE_LANES_MEMORY = 576 * 2**20  # bytes of decode lanes on the CPU when not configured
+LANE_TIERS = 2  # decode lane tiers (see decode_lanes.py): rows up to L, then up to 2L
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +38,8 @@ class WorkerConfig:
     #                                     `kv_cache_fraction` of the memory the model leaves free,
     #                                     at most what max_batch_rows full sequences hold
     kv_cache_fraction: float = 0.85  # share of free device memory for the pool (CUDA default)
-    decode_lanes_memory: int | None = None  # bytes of decode lanes (one per batch row, see
-    #                                         decode_lanes.py); 0: none; None: 384 MiB on the
+    decode_lanes_memory: int | None = None  # bytes of decode lanes (in tiers, see
+    #                                         decode_lanes.py); 0: none; None: 576 MiB on the
     #                                         CPU, none on CUDA (measured on the CPU only)
     num_blocks: int | None = None  # blocks in the pool, overriding the memory budget (tests)
     seed: int | None = None  # seeds sampling of requests without their own seed
@@ -76,17 +78,27 @@ class WorkerConfig:
             )
         return replace(one, num_blocks=blocks)
 
-    def lane_len(self, loaded: LoadedModel, shape: KVShape) -> int:
-        """Positions per decode lane: what the lanes' memory gives each of max_batch_rows
-        lanes, in whole blocks, at most `seq_len_for`; 0 when that is under one block."""
+    def lane_tiers(self, loaded: LoadedModel, shape: KVShape) -> list[tuple[int, int]]:
+        """(lanes, lane_len) of each decode lane tier: LANE_TIERS tiers, tier t holding
+        max_batch_rows / 2^t lanes of L * 2^t positions (equal memory each), with L what
+        the lanes' memory gives, in whole blocks; tiers past `seq_len_for` are dropped.
+        Empty when L is under one block (no lanes)."""
         budget = self.decode_lanes_memory
         if budget is None:
             budget = CPU_DECODE_LANES_MEMORY if loaded.device.type == "cpu" else 0
         if budget < 0:
             raise ValueError(f"decode_lanes_memory must be >= 0, got {budget}")
-        per_lane = budget // (self.max_batch_rows * shape.bytes_per_token(loaded.dtype))
-        positions = min(per_lane, self.seq_len_for(loaded))
-        return positions - positions % shape.block_size
+        per_tier = budget // LANE_TIERS
+        base = per_tier // (self.max_batch_rows * shape.bytes_per_token(loaded.dtype))
+        base -= base % shape.block_size  # L
+        seq_len = self.seq_len_for(loaded)
+        tiers: list[tuple[int, int]] = []
+        for t in range(LANE_TIERS):
+            length = min(base << t, seq_len - seq_len % shape.block_size)
+            if length < shape.block_size or (tiers and length <= tiers[-1][1]):
+                break
+            tiers.append((max(1, self.max_batch_rows >> t), length))
+        return tiers
 
     def _default_memory(self, device: torch.device) -> int:
         if device.type != "cuda":
@@ -115,6 +127,7 @@ class Worker:
         self.num_blocks = shape.num_blocks
         self.block_size = shape.block_size
         self.cache = PagedKVCache(shape, loaded.dtype, loaded.device)
+        self.attention_span = attention_span(loaded.model)  # for the scheduler's step budget
         log.info(
             "KV pool: %d blocks x %d positions = %d tokens, %.2f GiB (%s, %d bytes per token)",
             shape.num_blocks,
@@ -124,14 +137,13 @@ class Worker:
             loaded.dtype,
             shape.bytes_per_token(loaded.dtype),
         )
-        lane_len = config.lane_len(loaded, shape)
+        tiers = config.lane_tiers(loaded, shape)
         lanes = None
-        if lane_len > 0:
-            lanes = DecodeLanes(shape, config.max_batch_rows, lane_len, loaded.dtype, loaded.device)
+        if tiers:
+            lanes = DecodeLanes(shape, tiers, loaded.dtype, loaded.device)
             log.info(
-                "decode lanes: %d x %d positions, %.2f GiB",
-                lanes.lanes,
-                lane_len,
+                "decode lanes: %s, %.2f GiB",
+                " + ".join(f"{n} x {length} positions" for n, length in tiers),
                 lanes.nbytes / 2**30,
             )
         self.runner = ModelRunner(loaded, self.cache, lanes)
