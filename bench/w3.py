@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ from bench.stream_clock import Timed, stream_timed
 from bench.workload import Workload, default_workload_path, load_workload
 from treadle.scheduler.engine import Engine, EngineConfig
 from treadle.scheduler.generation_request import GenerationRequest
+from treadle.scheduler.step_budget import chunk_cost
 from treadle.worker.loader import LoadedModel
+from treadle.worker.step_cost import attention_span
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     sc = Scenario.start("w3", parse_args(argv))
     args = sc.args
     workload = load_workload(default_workload_path(REPO), sc.loaded.tokenizer)
-    whole = args.prompt_tokens + args.streams
+    # The whole prompt in one step (how wave 1 prefilled): the budget its chunk costs there.
+    span = attention_span(sc.loaded.model)
+    whole = args.streams + math.ceil(chunk_cost(0, args.prompt_tokens, span))
     runs = [run(sc.loaded, workload, args, b, sc.progress) for b in (args.step_token_budget, whole)]
     chunked, at_once = runs
     gap = chunked["gap_s"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from treadle.scheduler.detokenizer import IncrementalDetokenizer
 from treadle.scheduler.events import Event, FinishEvent, TokenEvent
 from treadle.scheduler.request import Request, StoppingParams
 from treadle.scheduler.scheduler import InvariantError, Scheduler, SchedulerConfig
+from treadle.scheduler.step_budget import chunk_cost, chunk_fit
 from treadle.worker.params import SamplingParams
 from treadle.worker.plan import RowOutput, StepOutput, StepPlan
 
@@ -212,6 +214,40 @@ def test_a_prompt_over_the_step_budget_is_prefilled_in_chunks(tokenizer: Any) ->
     while h.scheduler.has_work:
         assert h.step().num_tokens <= 10
     assert h.tokens("big") == [1, 1] and h.tokens("a") == [4, 4]
+
+
+def test_a_long_prompts_later_chunks_are_shorter_for_their_attention(tokenizer: Any) -> None:
+    """With an attention span, each chunk costs its tokens plus their attention to the
+    positions before them: the chunks shrink along the prompt, and each step's chunk
+    cost stays within the budget (at least a block of progress is always made)."""
+    span, budget = 64, 24
+    h = Harness(
+        tokenizer, max_batch_rows=4, max_seq_len=256, step_token_budget=budget, block_size=4,
+        num_blocks=128, attention_span=span,
+    )  # fmt: skip
+    h.add("long", [7], prompt_len=200, max_new=1)
+    chunks: list[tuple[int, int]] = []
+    while not h.tokens("long"):
+        plan = h.step()
+        (row,) = plan.prefill
+        chunks.append((row.start, len(row.input_ids)))
+        assert chunk_cost(row.start, len(row.input_ids), span) <= budget or len(row.input_ids) == 4
+        assert len(chunks) < 100
+    assert chunks[0] == (0, chunk_fit(0, budget, span)) and chunks[0][1] > 12
+    sizes = [n for _, n in chunks]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-2] < sizes[0] // 2
+    assert sum(sizes) == 200 and all(s + n == e for (s, n), (e, _) in pairwise(chunks))
+
+
+def test_chunk_fit_is_the_most_tokens_within_the_budget() -> None:
+    for span in (None, 1, 7, 2048):
+        for start in (0, 1, 15, 500, 9000):
+            for budget in (0.5, 1, 3.5, 96, 2048):
+                n = chunk_fit(start, budget, span)
+                assert chunk_cost(start, n, span) <= budget
+                assert chunk_cost(start, n + 1, span) > budget
+    assert chunk_cost(0, 80, 2048) == pytest.approx(80 + 80 * 39.5 / 2048)
+    assert chunk_cost(100, 10, None) == 10
 
 
 def test_decodes_never_wait_for_a_long_prompt(tokenizer: Any) -> None:

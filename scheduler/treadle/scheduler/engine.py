@@ -87,6 +87,7 @@ class Engine:
                 max_seq_len=self.worker.max_seq_len,
                 step_token_budget=config.step_token_budget
                 or default_step_token_budget(loaded.device.type),
+                attention_span=self.worker.attention_span,
                 prefix_cache=config.prefix_cache,
                 priority_step=config.priority_step,
             )

@@ -11,7 +11,9 @@ requests: the last in it is the first preempted.
 
 KV memory is a pool of fixed-size blocks (`block_pool.py`); a running
 request holds a block table covering the tokens computed so far, and takes
-blocks as its tokens arrive. Each step has a token budget.
+blocks as its tokens arrive. Each step has a token budget; a prompt chunk
+costs its tokens plus their attention to the positions before them
+(`step_budget.py`), so a long prompt's later chunks are shorter.
 
 `schedule()` builds one step:
   1. requests cancelled (by the client, a deadline or shutdown) since the
@@ -70,6 +72,7 @@ from .engine_config import DEFAULT_PRIORITY_STEP
 from .errors import log_internal_error
 from .events import CANCELLED, DEADLINE_EXCEEDED, Ending, Event, FinishEvent
 from .request import Request, RequestStatus
+from .step_budget import chunk_cost, chunk_fit
 from .waiting_queue import WaitingQueue
 
 log = logging.getLogger("treadle.scheduler")
@@ -100,6 +103,7 @@ class SchedulerConfig:
     max_batch_rows: int = 64  # the most requests running at once
     max_seq_len: int = 2048  # positions one request may hold: prompt + new tokens
     step_token_budget: int = 256  # tokens fed per step: decodes first, then prompt chunks
+    attention_span: int | None = None  # prompt chunks cost their attention too (step_budget.py)
     prefix_cache: bool = True  # reuse cached full blocks of earlier prompts
     priority_step: float = DEFAULT_PRIORITY_STEP  # seconds of waiting worth one priority step
 
@@ -222,13 +226,15 @@ class Scheduler:
         for req in [r for r in self.running if r.is_decoding]:
             if req.status is RequestStatus.RUNNING:  # not preempted meanwhile
                 self._run(req, 1, plan)
-        budget = self.config.step_token_budget - len(plan.decode)
+        budget: float = self.config.step_token_budget - len(plan.decode)
         for req in [r for r in self.running if not r.is_decoding]:
             if req.status is RequestStatus.RUNNING:
-                budget -= self._run(req, self._chunk(req, budget, plan), plan)
+                start = req.num_computed
+                n = self._chunk(start, req.num_uncomputed, budget, plan)
+                budget -= chunk_cost(start, self._run(req, n, plan), self.config.attention_span)
         while (head := self.waiting.peek()) is not None:
             try:
-                cost = self._admit(head, self._chunk(head, budget, plan), plan, now)
+                cost = self._admit(head, budget, plan, now)
             except Exception:
                 self._reject(head, plan, now, internal_error(f"admitting {head.request_id} failed"))
                 continue
@@ -359,12 +365,14 @@ class Scheduler:
         room = (len(req.blocks) + free) * self.config.block_size
         return max(0, room - req.num_computed)
 
-    def _chunk(self, req: Request, budget: int, plan: StepPlan) -> int:
-        """Tokens `req` may feed this step from `budget`: at least a block's worth (or
-        what it has left) when the step has no chunk yet, so prompts always advance."""
+    def _chunk(self, start: int, left: int, budget: float, plan: StepPlan) -> int:
+        """Tokens a prompt computed up to `start`, with `left` to feed, may feed this step
+        from `budget` (`step_budget.py`): at least a block's worth (or what it has left)
+        when the step has no chunk yet, so prompts always advance."""
+        n = chunk_fit(start, budget, self.config.attention_span)
         if not plan.prefill:
-            budget = max(budget, self.config.block_size)
-        return max(0, min(req.num_uncomputed, budget))
+            n = max(n, self.config.block_size)
+        return max(0, min(left, n))
 
     def _run(self, req: Request, n: int, plan: StepPlan) -> int:
         """Put `n` tokens of running `req` in the plan, taking the blocks they need; when
@@ -422,10 +430,10 @@ class Scheduler:
         """Rows of running requests, and those reserved for the samples they hold."""
         return len(self.running) + sum(len(r.followers) for r in self.running)
 
-    def _admit(self, req: Request, n: int, plan: StepPlan, now: float) -> int | None:
-        """Admit the queue's head with a chunk of at most `n` tokens; return the tokens
-        planned (None: it waits, for want of budget, rows or blocks)."""
-        if n <= 0:
+    def _admit(self, req: Request, budget: float, plan: StepPlan, now: float) -> float | None:
+        """Admit the queue's head with a chunk from `budget`; return the budget its chunk
+        costs (None: it waits, for want of budget, rows or blocks)."""
+        if self._chunk(0, 1, budget, plan) <= 0:
             return None
         if self._rows_taken() + 1 + len(req.followers) > self.config.max_batch_rows:
             return 0 if self._preempt_for(req, plan) else None
@@ -433,9 +441,12 @@ class Scheduler:
         cached = self._cached_blocks(req)
         partial = self._partial_hit(req, len(cached))  # (cached block, tokens it gives)
         hit = len(cached) * bs + (partial[1] if partial else 0)
+        n = self._chunk(hit, len(req.token_ids) - hit, budget, plan)
+        if n <= 0:  # the budget left holds no token this far into the prompt
+            return None
         reusable_free = sum(1 for b in cached if self.pool.is_free(b))
         free = self.pool.num_free - reusable_free
-        fit = min(n, len(req.token_ids) - hit, free * bs - hit % bs)
+        fit = min(n, free * bs - hit % bs)
         if fit <= 0:
             return 0 if self._preempt_for(req, plan) else None
         self.waiting.pop()
@@ -446,7 +457,7 @@ class Scheduler:
             plan.copies.append(BlockCopy(src=partial[0], dst=blocks[-1]))
         req.admit(now, blocks, hit)
         self.running.append(req)
-        return self._run(req, fit, plan)
+        return chunk_cost(hit, self._run(req, fit, plan), self.config.attention_span)
 
     def _partial_hit(self, req: Request, full: int) -> tuple[int, int] | None:
         """A cached block whose first tokens continue `req`'s `full` cached blocks, and how

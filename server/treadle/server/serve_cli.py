@@ -86,8 +86,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             int,
             None,
             "bytes of decode lanes: a contiguous copy of each decoding request's KV, so a "
-            "decode step reads it without gathering its blocks; 0 = none (default: 384 MiB "
-            "on CPU, 0 on CUDA)",
+            "decode step reads it without gathering its blocks, in two tiers (lanes of L and "
+            "2L positions); 0 = none (default: 576 MiB on CPU, 0 on CUDA)",
         ),
         ("--block-size", int, defaults.block_size, "positions per KV block"),
         (
@@ -95,7 +95,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             int,
             None,
             "tokens fed per step: decodes first, then chunks of prompts "
-            "(default: 96 on CPU, 2048 on CUDA)",
+            "(default: 128 on CPU, 2048 on CUDA)",
         ),
         (
             "--max-waiting",
