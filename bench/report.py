@@ -11,6 +11,7 @@ from .goals import check_goals
 from .run_result import RunResult
 
 SUBJECT = "treadle"
+CEILINGS = ("ceiling_before", "ceiling")  # the bare forward, timed before and after the others
 
 
 def ratios(results: dict[str, RunResult], subject: str = SUBJECT) -> dict[str, float]:
@@ -33,6 +34,9 @@ def build_report(
     `header`: command, model, workload, settings and environment (see `document`).
     """
     rates = ratios(results)
+    ceilings = [r.tokens_per_s for name, r in results.items() if name in CEILINGS]
+    if SUBJECT in results and ceilings and min(ceilings) > 0:
+        rates["treadle/ceilings"] = results[SUBJECT].tokens_per_s / (sum(ceilings) / len(ceilings))
     figures = dict(rates)
     if SUBJECT in results:
         figures["scheduler_share"] = results[SUBJECT].details["scheduler_share"]
@@ -73,7 +77,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {run['requests']} | {run['useful_tokens']:,} | {run['wall_s']:.1f} "
             f"| {run['tokens_per_s']:.1f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
         )
-    lines += ["", *_treadle_lines(runs.get(SUBJECT)), *_ceiling_lines(runs.get("ceiling"))]
+    lines += ["", *_treadle_lines(runs.get(SUBJECT))]
+    lines += _ceiling_lines({n: runs[n] for n in CEILINGS if n in runs}, report["ratios"])
     lines += ["", *goal_lines(report)]
     return "\n".join(lines) + "\n"
 
@@ -113,15 +118,26 @@ def _treadle_lines(run: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def _ceiling_lines(run: dict[str, Any] | None) -> list[str]:
-    if run is None:
+def _ceiling_lines(ceilings: dict[str, dict[str, Any]], rates: dict[str, float]) -> list[str]:
+    if not ceilings:
         return []
-    return [
+    run = next(iter(ceilings.values()))
+    lines = [
         "",
         f"ceiling: bare decode forward at batch {run['batch_size']}, KV length "
         f"{run['mean_kv_len']:.1f} on average over {run['timed_steps']} steps "
-        f"(workload's token-weighted mean decode context {run['target_context']})",
+        f"(workload's token-weighted mean decode context {run['target_context']}), timed "
+        + " and ".join(
+            {"ceiling_before": "before treadle", "ceiling": "after"}[n] for n in ceilings
+        ),
     ]
+    if "treadle/ceilings" in rates:
+        mean = sum(r["tokens_per_s"] for r in ceilings.values()) / len(ceilings)
+        lines.append(
+            f"treadle / ceiling (mean of {len(ceilings)}, {mean:.1f} tok/s): "
+            f"{rates['treadle/ceilings']:.3f}x"
+        )
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: Path, started: datetime) -> list[Path]:

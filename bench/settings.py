@@ -8,7 +8,14 @@ from typing import Any
 
 from treadle.scheduler.engine_config import EngineConfig
 
-RUN_KEYS = ("treadle", "generate_single", "generate_static", "transformers_cb", "ceiling")
+RUN_KEYS = (
+    "ceiling_before",
+    "treadle",
+    "generate_single",
+    "generate_static",
+    "transformers_cb",
+    "ceiling",
+)
 
 
 @dataclass(frozen=True)
@@ -16,6 +23,10 @@ class W1Settings:
     requests: int | None = None  # first N requests of the workload; None: all
     skip: frozenset[str] = frozenset()  # run keys (RUN_KEYS) not to run
     warmup: bool = True  # one short untimed call before each timed run
+    # how the model was loaded (ceiling_before loads it again in a process of its own)
+    model: str | None = None  # the load_model spec; None: the embedded SmolLM2
+    device: str | None = None
+    threads: int | None = None  # torch threads; None: torch's own
     # treadle
     clients: int = 64  # closed-loop clients
     max_batch_rows: int = 64
@@ -31,9 +42,9 @@ class W1Settings:
     static_batch: int = 64  # rows of a generate_static batch
     cb_num_blocks: int | None = None  # transformers_cb paged-cache blocks; None: its default
     cb_max_batch_tokens: int | None = None  # transformers_cb tokens per step; None: its default
-    # ceiling
+    # ceiling (before treadle, in its own process, and after the peers)
     ceiling_batch: int = 64
-    ceiling_steps: int = 10
+    ceiling_steps: int = 30
     ceiling_warmup: int = 2
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 
 from bench.bench_start import start_bench
-from bench.ceiling import run_ceiling
+from bench.ceiling import run_ceiling, run_ceiling_process
 from bench.cli_args import common_parser
 from bench.hf_cb import run_transformers_cb
 from bench.hf_generate import run_generate_single, run_generate_static
@@ -73,8 +73,22 @@ def _ceiling(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> R
     )
 
 
-# In the order they run. treadle first: the peers switch the model to sdpa and back.
+def _ceiling_before(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
+    return run_ceiling_process(
+        s.model,
+        wl.mean_decode_context,
+        batch_size=s.ceiling_batch,
+        timed_steps=s.ceiling_steps,
+        warmup_steps=s.ceiling_warmup,
+        threads=s.threads,
+        device=s.device,
+        name="ceiling_before",
+    )
+
+
+# In the order they run. treadle before the peers: they switch the model to sdpa and back.
 RUNNERS: tuple[tuple[str, Runner], ...] = (
+    ("ceiling_before", _ceiling_before),
     ("treadle", _treadle),
     ("generate_single", _single),
     ("generate_static", _static),
@@ -125,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--decode-lanes-memory",
         type=int,
         default=d.decode_lanes_memory,
-        help="engine: bytes of decode lanes, 0 = none; None: the engine's default (384 MiB on CPU)",
+        help="engine: bytes of decode lanes, 0 = none; None: the engine's default (576 MiB on CPU)",
     )
     ap.add_argument(
         "--single-requests", type=int, default=d.single_requests, help="generate_single's first N"
@@ -148,6 +162,9 @@ def settings_from(args: argparse.Namespace) -> W1Settings:
         requests=args.requests,
         skip=frozenset(args.skip),
         warmup=not args.no_warmup,
+        model=args.model,
+        device=args.device,
+        threads=args.threads,
         clients=args.clients,
         max_batch_rows=args.max_batch_rows,
         max_seq_len=args.max_seq_len,

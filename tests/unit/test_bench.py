@@ -14,12 +14,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `bench`
 
 from bench_workload import BUDGETS
+from helpers import make_tiny_model
 
-from bench.ceiling import ceiling_prefill_len
+from bench.ceiling import ceiling_prefill_len, run_ceiling_process
 from bench.goals import check_goals
 from bench.progress import Progress
 from bench.report import build_report, render_markdown, write_report
-from bench.run_result import BenchmarkError
+from bench.run_result import BenchmarkError, RunResult
 from bench.settings import W1Settings
 from bench.treadle_run import Outcome, check_outcomes
 from bench.w1 import parse_args, run_w1, settings_from
@@ -93,6 +94,7 @@ def test_w1_runs_every_peer_and_writes_the_report(
         ceiling_batch=4,
         ceiling_steps=2,
         ceiling_warmup=1,
+        skip=frozenset({"ceiling_before"}),  # a process of its own: its own test below
     )
     log = io.StringIO()
     seen: list[list[str]] = []
@@ -144,6 +146,42 @@ def test_w1_runs_every_peer_and_writes_the_report(
     )
     want = results["treadle"].tokens_per_s / results["transformers_cb"].tokens_per_s
     assert saved["ratios"]["treadle/transformers_cb"] == pytest.approx(want, rel=1e-3)
-    assert set(saved["ratios"]) == {f"treadle/{n}" for n in names[1:]}
+    assert set(saved["ratios"]) == {f"treadle/{n}" for n in [*names[1:], "ceilings"]}
+    assert saved["ratios"]["treadle/ceilings"] == saved["ratios"]["treadle/ceiling"]  # one
     assert all(g["met"] is not None for g in saved["goals"])
     assert "| generate_static2 | 5 |" in render_markdown(saved)
+
+
+def test_the_ceiling_before_runs_in_its_own_process_and_both_ceilings_make_the_ratio(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    model_dir = tmp_path / "tiny"
+    make_tiny_model(tokenizer).model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    before = run_ceiling_process(
+        str(model_dir), 20.0, batch_size=4, timed_steps=3, warmup_steps=1, threads=1,
+        name="ceiling_before", timeout_s=300,
+    )  # fmt: skip
+    assert before.name == "ceiling_before" and before.useful_tokens == 4 * 3
+    assert before.wall_s > 0 and before.details["mean_kv_len"] == pytest.approx(20.0, abs=0.5)
+    with pytest.raises(BenchmarkError, match="ceiling_before process failed"):
+        run_ceiling_process(str(tmp_path / "missing"), 20.0, name="ceiling_before")
+    details = {"steps": 9, "mean_decode_batch": 3.0, "scheduler_share": 0.01}
+    details |= {"ttft_s": {"p50": 0.1}, "e2e_s": {"p50": 1.0}}
+    treadle = RunResult("treadle", 5, 900, 3.0, details)  # 300 tok/s
+    after = RunResult("ceiling", 0, 800, 2.0, dict(before.details))  # 400 tok/s
+    first = RunResult("ceiling_before", 0, 1000, 2.0, dict(before.details))  # 500 tok/s
+    results = {"ceiling_before": first, "treadle": treadle, "ceiling": after}
+    report = build_report(
+        results,
+        started=datetime(2030, 1, 2, tzinfo=UTC),
+        command=["bench/w1.py"],
+        model="tiny",
+        workload={"requests": 5, "useful_tokens": 900},
+        settings={},
+        environment={"cpu_model": "test", "torch_threads": 1, "torch": "x", "transformers": "y"},
+    )
+    assert report["ratios"]["treadle/ceilings"] == pytest.approx(300 / 450, abs=1e-4)
+    (goal,) = [g for g in report["goals"] if g["figure"] == "treadle/ceilings"]
+    assert goal["met"] is False and goal["target"] == 0.80
+    assert "treadle / ceiling (mean of 2, 450.0 tok/s): 0.667x" in render_markdown(report)
