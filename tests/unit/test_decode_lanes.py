@@ -105,6 +105,7 @@ def test_rows_joining_leaving_outgrowing_and_outnumbering_lanes(
     waiting = [rng.randrange(3, 9) for _ in range(9)]  # prompt lengths of later arrivals
     total = 20
     lane_steps = gathered_steps = 0
+    tier_steps = [0] * len(tiers)  # rows read from each tier, over the run
     for t in range(60):
         if waiting and (t % 4 == 0 or len(seqs) < 2):
             rid = f"s{len(seqs)}"
@@ -126,7 +127,10 @@ def test_rows_joining_leaving_outgrowing_and_outnumbering_lanes(
         lane_steps += len(held)
         gathered_steps += len(plan.decode) - len(held)
         assert_compact(runner.lanes)
+        for t, tier in enumerate(runner.lanes.tiers):
+            tier_steps[t] += len(tier.held)
     assert lane_steps > 20 and gathered_steps > 20  # both paths ran, many times
+    assert min(tier_steps) > 10  # every tier was read: rows moved up
     assert all(s.done == total for s in seqs.values())
     for s in seqs.values():
         check(tiny, s)
