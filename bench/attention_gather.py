@@ -116,10 +116,9 @@ def head_blocked_new_tensor(p: Pool) -> Gather:
 def head_blocked_cache(p: Pool) -> Gather:
     """treadle's own `PagedKVCache.gather` (head-blocked layout, scratch buffer)."""
     shape = KVShape(BUFFERS, KV_HEADS, HEAD_DIM, num_blocks=p.num_blocks, block_size=BLOCK)
-    cache = PagedKVCache(shape, torch.float32, torch.device("cpu"))
-    cache.keys.normal_()
-    cache.values.normal_()
-    index = cache.gather_index(p.table)  # [D*KVH*nb]
+    cache = PagedKVCache.create(shape, torch.float32, torch.device("cpu"))
+    cache.arena.buffer.normal_()
+    index = cache.block_rows(p.table).reshape(-1)  # [2*D*KVH*nb]: keys, then values
     return lambda layer: cache.gather(layer, index, p.d, p.k)
 
 

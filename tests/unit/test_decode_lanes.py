@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import standard_attention
 
-from treadle.worker.decode_lanes import DecodeLanes
+from treadle.worker.decode_lanes import DecodeLanes, allocate_kv
 from treadle.worker.history import TokenHistory
-from treadle.worker.kv_cache import KVShape, PagedKVCache
+from treadle.worker.kv_cache import KVShape
 from treadle.worker.loader import LoadedModel
 from treadle.worker.model_runner import ModelRunner
 from treadle.worker.params import SamplingParams
@@ -55,8 +55,7 @@ class Seq:
 def make(loaded: LoadedModel, num_blocks: int, tiers: list[tuple[int, int]]) -> ModelRunner:
     """A runner whose lanes come in `tiers`, (lanes, lane_len) each."""
     shape = KVShape.for_model(loaded.model.config, num_blocks=num_blocks, block_size=BLOCK)
-    cache = PagedKVCache(shape, loaded.dtype, loaded.device)
-    return ModelRunner(loaded, cache, DecodeLanes(shape, tiers, loaded.dtype, loaded.device))
+    return ModelRunner(loaded, *allocate_kv(shape, tiers, loaded.dtype, loaded.device))
 
 
 def assert_compact(lanes: DecodeLanes) -> None:
@@ -176,7 +175,7 @@ def test_a_failed_step_drops_every_lane(tiny: LoadedModel, monkeypatch: pytest.M
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(runner.lanes.tiers[0], "write", broken)
+    monkeypatch.setattr(runner.cache.arena, "write", broken)
     with pytest.raises(RuntimeError, match="injected"):
         runner.forward(StepPlan(step=2, decode=[a.row(1)]))
     assert not runner.lanes.held()  # nothing trusted after a failure
@@ -202,22 +201,22 @@ def test_lane_tiers_from_the_config(tiny: LoadedModel) -> None:
     with pytest.raises(ValueError, match="decode_lanes_memory"):
         Worker(tiny, WorkerConfig(num_blocks=64, decode_lanes_memory=-1))
     with pytest.raises(ValueError, match="grow in length"):
-        DecodeLanes(worker.runner.lanes.tiers[0].shape, [(2, 32), (2, 32)], tiny.dtype, tiny.device)
+        allocate_kv(worker.runner.lanes.tiers[0].shape, [(2, 32), (2, 32)], tiny.dtype, tiny.device)
 
 
 def test_a_lane_that_does_not_end_just_before_the_row_is_refilled(tiny: LoadedModel) -> None:
     """Planning alone: a row whose lane holds other than its positions 0..start-1 (say a
     plan that fed its sequence another way) gets its lane refilled from the pool."""
     shape = KVShape.for_model(tiny.model.config, num_blocks=8, block_size=BLOCK)
-    cache = PagedKVCache(shape, tiny.dtype, tiny.device)
-    lanes = DecodeLanes(shape, [(2, 16)], tiny.dtype, tiny.device)
+    _, lanes = allocate_kv(shape, [(2, 16)], tiny.dtype, tiny.device)
+    assert lanes is not None
     seq = Seq("a", list(range(3, 15)), [0, 1, 2])
     seq.done = 5
-    [first] = lanes.plan(cache, [seq.row(1)], tiny.device)
-    assert first.fill is not None  # new: filled with positions 0..4
+    [first] = lanes.plan([seq.row(1)])
+    assert [r.start for _, r in first.fills] == [5]  # new: filled with positions 0..4
     seq.done = 6
-    [again] = lanes.plan(cache, [seq.row(1)], tiny.device)
-    assert again.fill is None  # continuing: only the new token
+    [again] = lanes.plan([seq.row(1)])
+    assert not again.fills  # continuing: only the new token
     seq.done = 8  # positions 6 and 7 never went through the lane
-    [jumped] = lanes.plan(cache, [seq.row(1)], tiny.device)
-    assert jumped.fill is not None and jumped.fill.length == 8
+    [jumped] = lanes.plan([seq.row(1)])
+    assert [r.start for _, r in jumped.fills] == [8]

@@ -40,7 +40,7 @@ def assert_logits(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def make_runner(loaded: LoadedModel, num_blocks: int, block_size: int) -> ModelRunner:
     shape = KVShape.for_model(loaded.model.config, num_blocks=num_blocks, block_size=block_size)
-    return ModelRunner(loaded, PagedKVCache(shape, loaded.dtype, loaded.device))
+    return ModelRunner(loaded, PagedKVCache.create(shape, loaded.dtype, loaded.device))
 
 
 class Blocks:

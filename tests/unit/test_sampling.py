@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 from helpers import decode_row
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from treadle.worker.params import LogprobsParams, SamplingParams
 from treadle.worker.processors import LogitsPipeline
-from treadle.worker.sampling import Sampler
+from treadle.worker.sampling import Sampler, first_argmax
 
 V = 64
 
@@ -24,6 +26,27 @@ def test_greedy_rows_take_the_argmax_and_get_no_logprobs() -> None:
     choice = Sampler(seed=0)(scores.clone(), scores, rows)
     assert torch.equal(choice.token_ids, scores.argmax(dim=1))
     assert choice.logprobs == [None] * 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    vocab=st.sampled_from([128, 256, 384, 1024, 3072, 1000]),
+    values=st.lists(st.sampled_from([0.0, 1.0, 2.0, -math.inf, math.inf, math.nan]), max_size=12),
+    seed=st.integers(0, 2**16),
+)
+def test_first_argmax_is_torch_argmax(
+    rows: int, vocab: int, values: list[float], seed: int
+) -> None:
+    """Ties (the first maximum wins), NaN, infinities, rows that are all -inf and vocabularies
+    that no block divides give torch's own argmax."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 3, (rows, vocab), generator=g).float()  # many ties
+    where = torch.randint(0, rows * vocab, (len(values),), generator=g)
+    scores.view(-1)[where] = torch.tensor(values)
+    if seed % 5 == 0:
+        scores[0] = -math.inf
+    assert torch.equal(first_argmax(scores), scores.argmax(dim=1))
 
 
 def test_greedy_and_sampled_rows_in_one_batch() -> None:

@@ -29,36 +29,48 @@ that find no free lane in a tier they fit, are attended through the gather.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import torch
 
+from .kv_arena import KVArena
 from .kv_cache import KVShape, PagedKVCache
 from .lane_tier import HeldLane, LaneGroup, LaneTier
 from .plan import RowInput
 
-__all__ = ["DecodeLanes", "HeldLane", "LaneGroup", "LaneTier"]
+__all__ = ["DecodeLanes", "HeldLane", "LaneGroup", "LaneTier", "allocate_kv"]
+
+
+def allocate_kv(
+    shape: KVShape, tiers: Sequence[tuple[int, int]], dtype: torch.dtype, device: torch.device
+) -> tuple[PagedKVCache, DecodeLanes | None]:
+    """The KV pool of `shape` and decode lanes in `tiers` ((lanes, lane_len) each, in
+    increasing lane_len; none: no lanes), in one arena: the pool's rows, then each tier's."""
+    if any(b[1] <= a[1] for a, b in pairwise(tiers)):
+        raise ValueError(f"decode lane tiers must grow in length, got {list(tiers)}")
+    sizes = [PagedKVCache.rows_for(shape)]
+    sizes += [LaneTier.rows_for(shape, n, length) for n, length in tiers]
+    arena = KVArena(shape.layers, sum(sizes), shape.head_dim, shape.block_size, dtype, device)
+    cache = PagedKVCache(shape, arena)
+    starts = list(accumulate(sizes))[:-1]  # a tier's first row: after the pool and tiers before
+    lanes = [
+        LaneTier(shape, n, length, arena, start)
+        for (n, length), start in zip(tiers, starts, strict=True)
+    ]
+    return cache, (DecodeLanes(lanes) if lanes else None)
 
 
 class DecodeLanes:
     """The lane tiers, shortest lanes first, and which sequence holds which lane.
 
     Used by one thread (the step thread): `plan` once per step before the
-    forward, the tiers' `write`/`fill`/`view` from every layer's attention,
+    forward (the layout turns its groups into the indices every layer uses),
     `reset` when a step fails.
     """
 
-    def __init__(
-        self,
-        shape: KVShape,
-        tiers: Sequence[tuple[int, int]],
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        """`tiers`: (lanes, lane_len) of each tier, in increasing lane_len."""
-        if not tiers or any(b[1] <= a[1] for a, b in pairwise(tiers)):
-            raise ValueError(f"decode lane tiers must grow in length, got {list(tiers)}")
-        self.tiers = [LaneTier(shape, n, length, dtype, device) for n, length in tiers]
+    def __init__(self, tiers: Sequence[LaneTier]) -> None:
+        """`tiers`: in increasing lane_len (`allocate_kv` builds them)."""
+        self.tiers = list(tiers)
 
     @property
     def lane_len(self) -> int:
@@ -77,9 +89,7 @@ class DecodeLanes:
         """The lanes held now (after the last `plan`), with their sequences and lengths."""
         return [h for t in self.tiers for h in t.held.values()]
 
-    def plan(
-        self, cache: PagedKVCache, decode: Sequence[RowInput], device: torch.device
-    ) -> list[LaneGroup]:
+    def plan(self, decode: Sequence[RowInput]) -> list[LaneGroup]:
         """Give lanes to this step's decode rows that fit one; one group per tier used.
 
         Sequences not decoding this step lose their lanes first. A row keeps its
@@ -107,9 +117,7 @@ class DecodeLanes:
                 if r.start + 1 <= tier.lane_len and free > 0:
                     new[t].append(i)
                     break
-        groups = [
-            tier.plan(cache, decode, kept[t], new[t], device) for t, tier in enumerate(self.tiers)
-        ]
+        groups = [tier.plan(decode, kept[t], new[t]) for t, tier in enumerate(self.tiers)]
         return [g for g in groups if g is not None]
 
     def reset(self) -> None:

@@ -16,38 +16,31 @@ from dataclasses import dataclass
 import torch
 
 from .history import TokenHistory
-from .kv_cache import KVShape, PagedKVCache, zeroed
+from .kv_arena import KVArena
+from .kv_cache import KVShape
 from .plan import RowInput
 
 
 @dataclass(frozen=True, slots=True)
-class LaneFill:
-    """Copy rows' contexts from the pool into their new lanes (positions 0..length-1)."""
-
-    lanes: torch.Tensor  # [f] long: the lanes to fill
-    gather: torch.Tensor  # [f * KVH * nb] long: pool rows of their blocks (`gather_index`)
-    length: int  # positions copied per lane: the longest context among them
-
-
-@dataclass(frozen=True, slots=True)
 class LaneGroup:
-    """This step's decode rows that read one tier's lanes 0..w-1; shared by all layers."""
+    """This step's decode rows that read one tier's lanes 0..w-1 (the layout, `layout.py`,
+    turns it into indices and a mask shared by all layers)."""
 
     store: LaneTier  # the lanes they read
-    rows: torch.Tensor  # [w] long: the decode row (index among the decode rows) of each lane
-    write_index: torch.Tensor  # [KVH * w] long: flat lane rows of the new tokens' KV
-    mask: torch.Tensor  # [w, 1, 1, K] bool: positions each lane holds
-    fill: LaneFill | None  # lanes new this step, filled from the pool before the write
+    rows: list[int]  # the decode row (index among the decode rows) of each lane, in lane order
+    starts: list[int]  # each lane's row's position this step (its context before the token)
+    fills: list[tuple[int, RowInput]]  # (lane, row) new this step with positions to copy in
+    #                                    from the pool (0..start-1), before the write
 
     @property
     def width(self) -> int:
         """w: lanes read, one per row."""
-        return int(self.mask.shape[0])
+        return len(self.rows)
 
     @property
     def kv_len(self) -> int:
-        """K: positions read per lane (the longest row's)."""
-        return int(self.mask.shape[-1])
+        """K: positions read per lane (the longest row's, its new token included)."""
+        return max(self.starts) + 1
 
 
 @dataclass(slots=True)
@@ -60,21 +53,35 @@ class HeldLane:
 
 
 class LaneTier:
-    """A tier's buffers and which sequence holds which of its lanes (step thread only)."""
+    """A tier's lanes, a region of the worker's `KVArena`, and which sequence holds which
+    lane (step thread only)."""
 
     def __init__(
-        self, shape: KVShape, lanes: int, lane_len: int, dtype: torch.dtype, device: torch.device
+        self, shape: KVShape, lanes: int, lane_len: int, arena: KVArena, offset: int
     ) -> None:
-        if lanes < 1 or lane_len < 1:
+        """The tier in `arena`'s rows offset.. (`rows_for` of them): keys, then values."""
+        if lanes < 1 or lane_len < 1 or lane_len % shape.block_size:
             raise ValueError(
-                f"decode lanes need lanes >= 1 and lane_len >= 1, got {lanes}, {lane_len}"
+                f"decode lanes need lanes >= 1 and lane_len a whole number of blocks of "
+                f"{shape.block_size}, got {lanes}, {lane_len}"
             )
         self.shape = shape
         self.lane_len = lane_len
-        dims = (shape.layers, lanes, shape.kv_heads, lane_len, shape.head_dim)
-        self.keys = zeroed(dims, dtype, device)  # [L, lanes, KVH, lane_len, Dh]
-        self.values = zeroed(dims, dtype, device)  # [L, lanes, KVH, lane_len, Dh]
+        self.offset = offset
+        dims = (lanes, shape.kv_heads, lane_len)
+        self.keys = arena.region(offset, dims)  # [L, lanes, KVH, lane_len, Dh]
+        half = self.rows_for(shape, lanes, lane_len) // 2  # the keys' rows
+        self.values = arena.region(offset + half, dims)  # [L, lanes, KVH, lane_len, Dh]
         self.held: dict[int, HeldLane] = {}  # id(history) -> its lane; lanes 0..n-1 after plan
+
+    @staticmethod
+    def rows_for(shape: KVShape, lanes: int, lane_len: int) -> int:
+        """Arena rows a tier takes: keys and values of every lane's heads and positions."""
+        return 2 * lanes * shape.kv_heads * lane_len
+
+    @property
+    def _half(self) -> int:  # rows of the keys (the values follow them)
+        return self.rows_for(self.shape, self.lanes, self.lane_len) // 2
 
     @property
     def lanes(self) -> int:
@@ -92,14 +99,7 @@ class LaneTier:
         held = self.held.get(key)
         return held is not None and held.length == r.start and r.start + 1 <= self.lane_len
 
-    def plan(
-        self,
-        cache: PagedKVCache,
-        decode: Sequence[RowInput],
-        kept: list[int],
-        new: list[int],
-        device: torch.device,
-    ) -> LaneGroup | None:
+    def plan(self, decode: Sequence[RowInput], kept: list[int], new: list[int]) -> LaneGroup | None:
         """Lanes 0..n-1 for decode rows `kept` (continuing in their lanes) and `new` (filled
         from the pool); every other sequence must have been released. Moves lanes to close
         holes and records each lane's length after the step."""
@@ -121,71 +121,43 @@ class LaneTier:
         fills = [(self.held[id(decode[i].history)].lane, decode[i]) for i in new]
         for i in by_lane.values():
             self.held[id(decode[i].history)].length = decode[i].start + 1
-        return self._group(cache, decode, [by_lane[lane] for lane in range(total)], fills, device)
+        rows = [by_lane[lane] for lane in range(total)]
+        return LaneGroup(
+            store=self,
+            rows=rows,
+            starts=[decode[i].start for i in rows],
+            fills=[(lane, r) for lane, r in fills if r.start > 0],
+        )
 
-    def write(self, layer: int, group: LaneGroup, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store the lane rows' new keys/values `[KVH, w, Dh]` of one layer."""
-        head_dim = self.shape.head_dim
-        self.keys[layer].view(-1, head_dim)[group.write_index] = keys.reshape(-1, head_dim)
-        self.values[layer].view(-1, head_dim)[group.write_index] = values.reshape(-1, head_dim)
+    def write_rows(self, starts: torch.Tensor) -> torch.Tensor:
+        """Arena rows `[2, KVH, w]` of lanes 0..w-1 at positions `starts` `[w]` (their new
+        tokens'): keys, then values."""
+        kv_heads, lane_len = self.shape.kv_heads, self.lane_len
+        lanes = torch.arange(starts.numel(), device=starts.device)  # [w]
+        heads = torch.arange(kv_heads, device=starts.device)[:, None]  # [KVH, 1]
+        rows = (lanes[None, :] * kv_heads + heads) * lane_len + starts[None, :]  # [KVH, w]
+        return self.offset + torch.stack((rows, rows + self._half))  # [2, KVH, w]
 
-    def fill(self, layer: int, cache: PagedKVCache, fill: LaneFill) -> None:
-        """Copy the new lanes' contexts of one layer from the pool."""
-        rows = int(fill.lanes.numel())
-        keys, values = cache.gather(layer, fill.gather, rows, fill.length)  # [f, KVH, n, Dh]
-        self.keys[layer, :, :, : fill.length][fill.lanes] = keys
-        self.values[layer, :, :, : fill.length][fill.lanes] = values
+    def block_rows(self, lane: int, blocks: int) -> list[int]:
+        """Arena block rows of `lane`'s first `blocks` blocks, in `[2, KVH, blocks]` order
+        (keys, then values): where a fill of positions 0..blocks*bs-1 lands."""
+        bs, kv_heads = self.shape.block_size, self.shape.kv_heads
+        per_lane = self.lane_len // bs  # blocks of one head's lane
+        first = self.offset // bs
+        half = self._half // bs
+        return [
+            first + kind * half + (lane * kv_heads + h) * per_lane + j
+            for kind in (0, 1)
+            for h in range(kv_heads)
+            for j in range(blocks)
+        ]
 
-    def view(self, layer: int, group: LaneGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of lanes 0..w-1, each `[w, KVH, K, Dh]` (strided, no copy)."""
-        w, k = group.width, group.kv_len
+    def view(self, layer: int, w: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0..k-1 of lanes 0..w-1, each `[w, KVH, k, Dh]`
+        (strided, no copy)."""
         return self.keys[layer, :w, :, :k], self.values[layer, :w, :, :k]
 
     def _move(self, src: int, dst: int, length: int) -> None:
         """Copy lane `src`'s positions 0..length-1 of every layer into lane `dst`."""
         for buf in (self.keys, self.values):
             buf[:, dst, :, :length] = buf[:, src, :, :length]
-
-    def _group(
-        self,
-        cache: PagedKVCache,
-        decode: Sequence[RowInput],
-        rows: list[int],
-        fills: list[tuple[int, RowInput]],
-        device: torch.device,
-    ) -> LaneGroup:
-        """The group of lanes 0..w-1, held by decode rows `rows` (in lane order)."""
-        kv_heads, lane_len = self.shape.kv_heads, self.lane_len
-        starts = torch.tensor([decode[i].start for i in rows], device=device)  # [w]
-        kv_len = int(starts.max()) + 1  # K
-        mask = torch.arange(kv_len, device=device)[None, :] <= starts[:, None]  # [w, K]
-        lanes = torch.arange(len(rows), device=device)  # [w]
-        heads = torch.arange(kv_heads, device=device)[:, None]  # [KVH, 1]
-        write_index = ((lanes[None, :] * kv_heads + heads) * lane_len + starts[None, :]).reshape(-1)
-        return LaneGroup(
-            store=self,
-            rows=torch.tensor(rows, device=device),
-            write_index=write_index,  # [KVH * w]
-            mask=mask.view(len(rows), 1, 1, kv_len),  # [w, 1, 1, K]
-            fill=_fill(cache, [f for f in fills if f[1].start > 0], device),
-        )
-
-
-def _fill(
-    cache: PagedKVCache, fills: list[tuple[int, RowInput]], device: torch.device
-) -> LaneFill | None:
-    """The pool-to-lane copy of rows new to their lanes: their positions 0..start-1."""
-    if not fills:
-        return None
-    bs = cache.block_size
-    length = max(r.start for _, r in fills)  # n
-    width = -(-length // bs)  # nb
-    tables = []
-    for _, r in fills:
-        own = list(r.block_table[: -(-r.start // bs)])
-        tables.append(own + [own[0]] * (width - len(own)))  # padding: past the row's length
-    return LaneFill(
-        lanes=torch.tensor([lane for lane, _ in fills], device=device),
-        gather=cache.gather_index(torch.tensor(tables, device=device)),  # [f * KVH * nb]
-        length=length,
-    )

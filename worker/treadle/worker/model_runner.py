@@ -35,8 +35,9 @@ class ModelRunner:
         """Run the plan's tokens; return logits `[N, V]`, row i for `plan.sampled_rows[i]`.
 
         Applies `plan.copies` to the pool first. The packed sequence is the
-        decode rows' tokens, then each prefill chunk; every token's KV is
-        written to its row's blocks (and to its decode lane, if it has one).
+        decode rows' tokens (in the layout's reading order), then each prefill
+        chunk; every token's KV is written to its row's blocks (and to its
+        decode lane, if it has one).
         Only the last token of each row that samples goes through the LM head
         (N may be 0: the KV is still written). A failed step drops every lane.
         """
@@ -50,15 +51,16 @@ class ModelRunner:
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         self.cache.copy(plan.copies)
         layout = PagedLayout.build(self.cache, plan.decode, plan.prefill, self.device, self.lanes)
+        packed = [plan.decode[i] for i in layout.decode_order] + plan.prefill
         input_ids: list[int] = []
-        keep: list[int] = []  # index in the packed sequence of each sampling row's last token
+        last: dict[int, int] = {}  # id(row) -> index of its last token in the packed sequence
         images = []  # (offset in the packed sequence, start, tokens, images) of image chunks
-        for r in plan.rows:
+        for r in packed:
             if r.images is not None and r.images.rows(r.start, r.start + len(r.input_ids))[1]:
                 images.append((len(input_ids), r.start, len(r.input_ids), r.images))
             input_ids.extend(r.input_ids)
-            if r.samples:
-                keep.append(len(input_ids) - 1)
+            last[id(r)] = len(input_ids) - 1
+        keep = [last[id(r)] for r in plan.sampled_rows]  # logits in the plan's order
         ids = torch.tensor([input_ids], device=self.device)  # [1, T]
         inputs: dict[str, torch.Tensor] = {"input_ids": ids}
         if images:  # the vision tower once per request, then the features in place

@@ -21,6 +21,7 @@ from .processors.rows import row_index
 
 _MASK64 = (1 << 64) - 1
 _BLOCK = 1024  # tokens per block when inverting the cumulative distribution
+_ARGMAX_BLOCKS = (1024, 512, 256, 128)  # vocabulary blocks `first_argmax` may split into
 
 
 @dataclass(slots=True)
@@ -30,6 +31,24 @@ class Choice:
     token_ids: torch.Tensor  # [N] long
     logprobs: list[TokenLogprob | None]  # per row; None unless rows[i].params.logprobs is set
     errors: dict[int, str]  # row -> why it has no token (its constraints rule out every one)
+
+
+def first_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(dim=1)` of `[N, V]` scores (the first maximum of each row, NaN counting
+    as the maximum, as torch's): on the CPU in two passes over blocks of the vocabulary.
+
+    torch's CPU argmax over a long last dimension runs about 8x slower than a max (2.6 ms
+    against 0.3 ms at 51 x 49,152); the block maxima, the first block holding the row's
+    maximum and the argmax inside that block give the same index.
+    """
+    n, vocab = scores.shape
+    block = next((b for b in _ARGMAX_BLOCKS if vocab % b == 0 and vocab > b), None)
+    if scores.device.type != "cpu" or block is None or not scores.is_contiguous():
+        return scores.argmax(dim=1)
+    blocks = scores.view(n, vocab // block, block)  # [N, V / b, b]
+    first = blocks.amax(dim=2).argmax(dim=1)  # [N]: the first block holding the maximum
+    rows = torch.arange(n, device=scores.device)  # [N]
+    return first * block + blocks[rows, first].argmax(dim=1)  # [N]
 
 
 class Sampler:
@@ -56,13 +75,13 @@ class Sampler:
         """Choose a token for each row; `raw_logits` and `scores` are `[N, V]`."""
         sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if not sampled:
-            token_ids = scores.argmax(dim=1)  # [N] the common case: one argmax
+            token_ids = first_argmax(scores)  # [N] the common case: one argmax
         else:
             token_ids = torch.empty(len(rows), dtype=torch.long, device=scores.device)  # [N]
             greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
             if greedy:
                 index = row_index(greedy, scores.device)
-                token_ids[index] = scores.index_select(0, index).argmax(dim=1)
+                token_ids[index] = first_argmax(scores.index_select(0, index))
             index = row_index(sampled, scores.device)
             token_ids[index] = self._sample(scores, rows, sampled)
         logprobs: list[TokenLogprob | None] = [None] * len(rows)

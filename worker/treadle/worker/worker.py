@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .decode_lanes import DecodeLanes
+from .decode_lanes import allocate_kv
 from .grammar_mask import GrammarMasker
-from .kv_cache import KVShape, PagedKVCache
+from .kv_cache import KVShape
 from .loader import LoadedModel
 from .model_runner import ModelRunner
 from .plan import RowInput, RowOutput, StepOutput, StepPlan
@@ -126,7 +126,8 @@ class Worker:
         shape = config.pool_shape(loaded)
         self.num_blocks = shape.num_blocks
         self.block_size = shape.block_size
-        self.cache = PagedKVCache(shape, loaded.dtype, loaded.device)
+        tiers = config.lane_tiers(loaded, shape)
+        self.cache, lanes = allocate_kv(shape, tiers, loaded.dtype, loaded.device)
         self.attention_span = attention_span(loaded.model)  # for the scheduler's step budget
         log.info(
             "KV pool: %d blocks x %d positions = %d tokens, %.2f GiB (%s, %d bytes per token)",
@@ -137,10 +138,7 @@ class Worker:
             loaded.dtype,
             shape.bytes_per_token(loaded.dtype),
         )
-        tiers = config.lane_tiers(loaded, shape)
-        lanes = None
-        if tiers:
-            lanes = DecodeLanes(shape, tiers, loaded.dtype, loaded.device)
+        if lanes is not None:
             log.info(
                 "decode lanes: %s, %.2f GiB",
                 " + ".join(f"{n} x {length} positions" for n, length in tiers),
