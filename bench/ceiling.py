@@ -7,7 +7,7 @@ compares treadle with their mean: the machines' speed drifts by more than
 the figures compared. The first one runs in a process of its own (this
 module's command line, printing its result as JSON): torch work on the
 main thread before the engine starts would slow the engine's step thread
-(an OpenMP team left on another thread, see worker/kv_cache.py `zeroed`).
+(an OpenMP team left on another thread, see worker/kv_arena.py `zeroed`).
 """
 
 from __future__ import annotations

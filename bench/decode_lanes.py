@@ -11,7 +11,9 @@ past the end) and one prompt chunk of 18 tokens after a 24-token cached
 prefix (a W1 prompt after its prefix-cache hit). Rows keep their history
 objects across steps, as requests do, so lanes persist. The settings run in
 turn, `--steps` steps each, for `--rounds` rounds; prints ms per step per
-round, the medians and each setting's paired ratio to the first.
+round, the medians and each setting's paired ratio to the first, and the
+median time per step inside the attention function (`AttentionClock`: writes,
+gathers and attention of every layer).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 if __package__ in (None, ""):  # run as a script: make the treadle packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from treadle.worker import attention
 from treadle.worker.history import TokenHistory
 from treadle.worker.loader import LoadedModel, load_model
 from treadle.worker.params import SamplingParams
@@ -83,11 +87,30 @@ def tiers_of(worker: Worker) -> str:
     return " + ".join(f"{t.lanes} x {t.lane_len}" for t in lanes.tiers)
 
 
-def timed(worker: Worker, feed: Feed, steps: int) -> float:
+class AttentionClock:
+    """Seconds spent inside treadle's attention function, registered in its place."""
+
+    def __init__(self) -> None:
+        from transformers import AttentionInterface
+
+        self.seconds = 0.0
+        AttentionInterface.register(attention.ATTENTION_NAME, self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return attention.paged_attention(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def timed(worker: Worker, feed: Feed, steps: int, clock: AttentionClock) -> tuple[float, float]:
+    """Seconds per step, and of them inside the attention function."""
+    clock.seconds = 0.0
     started = time.perf_counter()
     for _ in range(steps):
         worker.execute(feed.plan())
-    return (time.perf_counter() - started) / steps
+    return (time.perf_counter() - started) / steps, clock.seconds / steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,12 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     loaded = load_model(None)
     settings = {m: (worker_for(loaded, m), Feed(args.rows, 16)) for m in args.lanes_memory_mib}
+    clock = AttentionClock()  # after the workers: they register the attention function
     for worker, feed in settings.values():
-        timed(worker, feed, 2)  # warm-up
+        timed(worker, feed, 2, clock)  # warm-up
     times: dict[int, list[float]] = {p: [] for p in settings}
+    in_attention: dict[int, list[float]] = {p: [] for p in settings}
     for r in range(args.rounds):
         for p, (worker, feed) in settings.items():
-            times[p].append(timed(worker, feed, args.steps))
+            step, attended = timed(worker, feed, args.steps, clock)
+            times[p].append(step)
+            in_attention[p].append(attended)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows={args.rows}")
     base = args.lanes_memory_mib[0]
@@ -113,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"lanes {m:4d} MiB ({tiers_of(settings[m][0])}): ms per step "
             f"{[round(1000 * t, 1) for t in ts]}, median {1000 * statistics.median(ts):.1f}, "
-            f"/ {base} MiB: {paired:.3f}"
+            f"/ {base} MiB: {paired:.3f}; in attention, median "
+            f"{1000 * statistics.median(in_attention[m]):.1f}"
         )
 
 
