@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +42,31 @@ def ceiling_prefill_len(context: float, warmup_steps: int, timed_steps: int) -> 
     return max(1, round(context - warmup_steps - (timed_steps + 1) / 2))
 
 
+@dataclass(frozen=True, slots=True)
+class CeilingSteps:
+    """What one ceiling times: `timed_steps` decode steps of `batch_size` rows, after
+    `warmup_steps` untimed ones."""
+
+    batch_size: int = 64
+    timed_steps: int = 10
+    warmup_steps: int = 2
+
+
 def run_ceiling(
     model: Any,
     context: float,
-    batch_size: int = 64,
-    timed_steps: int = 10,
-    warmup_steps: int = 2,
+    steps: CeilingSteps = CeilingSteps(),
     seed: int = 0,
     name: str = "ceiling",
 ) -> RunResult:
-    """Time `timed_steps` decode forwards at `batch_size` rows around KV length `context`.
+    """Time `steps.timed_steps` decode forwards at `steps.batch_size` rows around KV length
+    `context`.
 
     The model's own DynamicCache and sdpa attention; no sampling (the next
     input is a fixed token), no mask (every row has the same length). Reports
     batch x steps / time as tokens/sec.
     """
+    batch_size, timed_steps, warmup_steps = steps.batch_size, steps.timed_steps, steps.warmup_steps
     prefill = ceiling_prefill_len(context, warmup_steps, timed_steps)
     vocab = int(model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
@@ -97,9 +108,7 @@ def _sync(model: Any) -> None:
 def run_ceiling_process(
     model: str | None,
     context: float,
-    batch_size: int = 64,
-    timed_steps: int = 10,
-    warmup_steps: int = 2,
+    steps: CeilingSteps = CeilingSteps(),
     threads: int | None = None,
     device: str | None = None,
     name: str = "ceiling",
@@ -107,8 +116,8 @@ def run_ceiling_process(
 ) -> RunResult:
     """`run_ceiling` in a process of its own, loading `model` (a `load_model` spec)."""
     command = [sys.executable, "-m", "bench.ceiling", "--context", str(context)]
-    command += ["--batch", str(batch_size), "--steps", str(timed_steps)]
-    command += ["--warmup", str(warmup_steps), "--name", name]
+    command += ["--batch", str(steps.batch_size), "--steps", str(steps.timed_steps)]
+    command += ["--warmup", str(steps.warmup_steps), "--name", name]
     for flag, value in (("--model", model), ("--threads", threads), ("--device", device)):
         if value is not None:
             command += [flag, str(value)]
@@ -142,14 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device)
-    result = run_ceiling(
-        loaded.model,
-        args.context,
-        batch_size=args.batch,
-        timed_steps=args.steps,
-        warmup_steps=args.warmup,
-        name=args.name,
-    )
+    steps = CeilingSteps(args.batch, args.steps, args.warmup)
+    result = run_ceiling(loaded.model, args.context, steps, name=args.name)
     print(json.dumps(result.as_dict()))
 
 

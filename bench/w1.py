@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 
 from bench.bench_start import start_bench
-from bench.ceiling import run_ceiling, run_ceiling_process
+from bench.ceiling import CeilingSteps, run_ceiling, run_ceiling_process
 from bench.cli_args import common_parser
 from bench.hf_cb import run_transformers_cb
 from bench.hf_generate import run_generate_single, run_generate_static
@@ -63,23 +63,19 @@ def _cb(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunRes
     )
 
 
+def _ceiling_steps(s: W1Settings) -> CeilingSteps:
+    return CeilingSteps(s.ceiling_batch, s.ceiling_steps, s.ceiling_warmup)
+
+
 def _ceiling(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
-    return run_ceiling(
-        loaded.model,
-        wl.mean_decode_context,
-        batch_size=s.ceiling_batch,
-        timed_steps=s.ceiling_steps,
-        warmup_steps=s.ceiling_warmup,
-    )
+    return run_ceiling(loaded.model, wl.mean_decode_context, _ceiling_steps(s))
 
 
 def _ceiling_before(loaded: LoadedModel, wl: Workload, s: W1Settings, p: Progress) -> RunResult:
     return run_ceiling_process(
         s.model,
         wl.mean_decode_context,
-        batch_size=s.ceiling_batch,
-        timed_steps=s.ceiling_steps,
-        warmup_steps=s.ceiling_warmup,
+        _ceiling_steps(s),
         threads=s.threads,
         device=s.device,
         name="ceiling_before",

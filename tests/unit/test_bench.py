@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from bench_workload import BUDGETS
 from helpers import make_tiny_model
 
-from bench.ceiling import ceiling_prefill_len, run_ceiling_process
+from bench.ceiling import CeilingSteps, ceiling_prefill_len, run_ceiling_process
 from bench.goals import check_goals
 from bench.progress import Progress
 from bench.report import build_report, render_markdown, write_report
@@ -159,8 +159,8 @@ def test_the_ceiling_before_runs_in_its_own_process_and_both_ceilings_make_the_r
     make_tiny_model(tokenizer).model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     before = run_ceiling_process(
-        str(model_dir), 20.0, batch_size=4, timed_steps=3, warmup_steps=1, threads=1,
-        name="ceiling_before", timeout_s=300,
+        str(model_dir), 20.0, CeilingSteps(4, 3, 1), threads=1, name="ceiling_before",
+        timeout_s=300,
     )  # fmt: skip
     assert before.name == "ceiling_before" and before.useful_tokens == 4 * 3
     assert before.wall_s > 0 and before.details["mean_kv_len"] == pytest.approx(20.0, abs=0.5)
