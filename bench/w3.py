@@ -3,14 +3,17 @@
     python bench/w3.py [--model SPEC] [--streams 16] [--budget 120] [--delay 4]
                        [--prompt-tokens 1900] [--out bench/results]
 
-Two runs in one process on one loaded model: treadle with its default step
-token budget (chunked prefill), and with a budget that takes the whole prompt
-in one step (how wave 1 prefilled). Each run: `--streams` requests decode
-`--budget` tokens each (EOS ignored, greedy); `--delay` seconds later one
-prompt of `--prompt-tokens` tokens arrives (8 new tokens). Reported: the
-streams' inter-token gap p50, p99 and max, and the long prompt's time to first
-token. Goals (DESIGN.md W3): max gap <= 3x p50 with chunks; the prompt's TTFT
-no worse than 2x the whole-prompt run's. Figures go to `<out>/w3-<stamp>.json/.md`.
+Three runs in one process on one loaded model: with a budget that takes the
+whole prompt in one step (how wave 1 prefilled), with treadle's default step
+token budget (chunked prefill), and the whole-prompt run again. Each run:
+`--streams` requests decode `--budget` tokens each (EOS ignored, greedy);
+`--delay` seconds later one prompt of `--prompt-tokens` tokens arrives (8 new
+tokens). Reported: the streams' inter-token gap p50, p99 and max, and the long
+prompt's time to first token. Goals (DESIGN.md W3): max gap <= 3x p50 with
+chunks; the prompt's TTFT no worse than 2x the whole-prompt runs' mean (two
+runs bracketing the chunked one, as W1 brackets treadle with two ceilings: the
+machines' speed drifts by more than the figures compared). Figures go to
+`<out>/w3-<stamp>.json/.md`.
 """
 
 from __future__ import annotations
@@ -114,18 +117,19 @@ def run(
     loaded: LoadedModel,
     workload: Workload,
     args: argparse.Namespace,
+    name: str,
     budget: int | None,
     progress: Progress,
 ) -> dict[str, Any]:
     engine = Engine(loaded, EngineConfig(max_batch_rows=64, step_token_budget=budget))
     engine.start()
     try:
-        progress.say(f"step token budget {budget}: start")
+        progress.say(f"{name} (step token budget {budget}): start")
         figures = asyncio.run(scenario(engine, args, workload))
     finally:
         engine.stop()
-    progress.say(f"step token budget {budget}: {json.dumps(figures)}")
-    return {"step_token_budget": budget or "default", **figures}
+    progress.say(f"{name}: {json.dumps(figures)}")
+    return {"run": name, "step_token_budget": budget or "default", **figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     # The whole prompt in one step (how wave 1 prefilled): the budget its chunk costs there.
     span = attention_span(sc.loaded.model)
     whole = args.streams + math.ceil(chunk_cost(0, args.prompt_tokens, span))
-    runs = [run(sc.loaded, workload, args, b, sc.progress) for b in (args.step_token_budget, whole)]
-    chunked, at_once = runs
+    order = (("whole_before", whole), ("chunked", args.step_token_budget), ("whole", whole))
+    runs = [run(sc.loaded, workload, args, name, b, sc.progress) for name, b in order]
+    before, chunked, after = runs
     gap = chunked["gap_s"]
+    whole_ttft = (before["long_prompt_ttft_s"] + after["long_prompt_ttft_s"]) / 2
     goals = {
         "max_gap_over_p50": round(gap["max"] / gap["p50"], 2) if gap else None,
-        "ttft_over_whole_prompt_run": round(
-            chunked["long_prompt_ttft_s"] / at_once["long_prompt_ttft_s"], 2
-        ),
+        "ttft_over_whole_prompt_runs": round(chunked["long_prompt_ttft_s"] / whole_ttft, 2),
     }
     report = sc.report(runs, goals)
     sc.write(report, render(report))
@@ -155,22 +159,23 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"{report['model']}; {report['environment'].get('torch', '')}",
         "",
-        "| step token budget | gap p50 s | gap p99 s | gap max s | gap max during prefill s "
-        "| long prompt TTFT s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | step token budget | gap p50 s | gap p99 s | gap max s "
+        "| gap max during prefill s | long prompt TTFT s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["runs"]:
         g, d = r["gap_s"], r["gap_during_prefill_s"]
         lines.append(
-            f"| {r['step_token_budget']} | {g.get('p50')} | {g.get('p99')} | {g.get('max')} "
+            f"| {r['run']} | {r['step_token_budget']} | {g.get('p50')} | {g.get('p99')} "
+            f"| {g.get('max')} "
             f"| {d.get('max')} | {r['long_prompt_ttft_s']} |"
         )
     goals = report["goals"]
     lines += [
         "",
         f"- chunked: max gap / p50 gap = {goals['max_gap_over_p50']} (goal <= 3)",
-        f"- long prompt TTFT, chunked / whole prompt in one step = "
-        f"{goals['ttft_over_whole_prompt_run']} (goal <= 2)",
+        f"- long prompt TTFT, chunked / whole prompt in one step (the two runs' mean) = "
+        f"{goals['ttft_over_whole_prompt_runs']} (goal <= 2)",
     ]
     return "\n".join(lines)
 
