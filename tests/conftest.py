@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,14 @@ import pytest
 from helpers import make_tiny_model
 
 from treadle.worker.loader import LoadedModel, converted_gguf, embedded_gguf_path, load_model
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc() -> Iterator[None]:
+    """An engine's start freezes the objects alive then (`gc_freeze.py`); give them back
+    to the collector after each test, so engines of earlier tests do not pile up."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 from typing import Any
@@ -66,6 +67,19 @@ def test_greedy_batched_equals_generate_alone(tiny: LoadedModel) -> None:
         assert got[rid].tokens == want, rid
         full = len(want) == budgets[rid]
         assert got[rid].finish.reason is (FinishReason.LENGTH if full else FinishReason.EOS)
+
+
+def test_starting_an_engine_freezes_what_is_alive(tiny: LoadedModel) -> None:
+    """The model and everything else alive at start leave the collector's full passes."""
+    gc.unfreeze()
+    engine = tiny_engine(tiny)
+    assert id(tiny.model) in {id(o) for o in gc.get_objects()}
+    engine.start()
+    try:
+        assert gc.get_freeze_count() > 0
+        assert id(tiny.model) not in {id(o) for o in gc.get_objects()}  # frozen: not walked
+    finally:
+        engine.stop()
 
 
 def test_async_api_matches_step_driver(tiny: LoadedModel) -> None:

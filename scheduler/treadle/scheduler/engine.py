@@ -40,6 +40,7 @@ from .engine_info import EngineInfo
 from .errors import EngineUnavailableError, QueueFullError
 from .event_stream import DEFAULT_BACKLOG, EventStream
 from .events import CANCELLED, SHUTTING_DOWN, Ending, Event, FinishEvent
+from .gc_freeze import freeze_startup_objects
 from .generation_request import GenerationRequest
 from .inbox import Abort, Inbox
 from .inputs import InputProcessor
@@ -136,9 +137,11 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------
     def start(self) -> None:
-        """Start the step thread and accept requests."""
+        """Start the step thread and accept requests (after freezing the objects alive now
+        out of the garbage collector's full passes, `gc_freeze.py`)."""
         if self._thread is not None:
             return
+        freeze_startup_objects()
         self._thread = threading.Thread(target=self._run, name="treadle-step", daemon=True)
         self._inbox.open()
         self._thread.start()
