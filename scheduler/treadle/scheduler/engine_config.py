@@ -12,11 +12,12 @@ DEFAULT_PRIORITY_STEP = 10.0  # seconds of waiting one priority step is worth (a
 def default_step_token_budget(device_type: str) -> int:
     """Tokens per step when not configured (a prompt chunk counts its attention too, see
     step_budget.py). A step's cost grows with its tokens and the decoding streams wait for
-    the whole step: on a 2-core CPU, 128 keeps 16 streams' worst gap at 2.6-2.7x their
-    median while a 1,900-token prompt is prefilled, and that prompt's first token 1.7x
-    later than in one whole step (bench/w3.py, two runs; 112: 2.4-2.5x and 1.5-1.8x).
-    A GPU runs 2048 tokens in about the time of one decode step."""
-    return 2048 if device_type == "cuda" else 128
+    the whole step: on a 2-core CPU, 112 keeps 16 streams' worst gap at 2.2x their
+    median while a 1,900-token prompt is prefilled, and that prompt's first token 1.3-1.6x
+    later than in one whole step (bench/w3.py, two runs; 128: 2.5-3.8x and 1.4-1.5x, since
+    decode steps got cheaper with the one KV buffer). A GPU runs 2048 tokens in about the
+    time of one decode step."""
+    return 2048 if device_type == "cuda" else 112
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class EngineConfig:
     #                                         decoding rows' KV); None: 384 MiB on CPU, 0 on CUDA
     block_size: int = 16  # positions per KV block
     step_token_budget: int | None = None  # tokens fed per step: decodes first, then prompt
-    #                                        chunks; None: 128 on CPU, 2048 on CUDA
+    #                                        chunks; None: 112 on CPU, 2048 on CUDA
     prefix_cache: bool = True  # reuse the KV of cached full blocks of earlier prompts
     max_waiting: int = 1024  # queued requests beyond which submit raises QueueFullError
     seed: int | None = None  # sampling seed for requests without their own

@@ -95,7 +95,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             int,
             None,
             "tokens fed per step: decodes first, then chunks of prompts "
-            "(default: 128 on CPU, 2048 on CUDA)",
+            "(default: 112 on CPU, 2048 on CUDA)",
         ),
         (
             "--max-waiting",
