@@ -12,7 +12,7 @@ batch over a contiguous run of the packed queries:
 
 - decode tokens of rows that hold a decode lane (`decode_lanes.py`), one
   batch per lane tier, over the tier's strided view, nothing gathered;
-- the other decode tokens in a few batches of rows of similar length (`DecodeGroup`):
+- the other decode tokens in a few batches of rows of similar length:
   query `[g, KVH, rep, Dh]` (grouped heads folded into the query length)
   against each row's blocks gathered into `[g, KVH, K, Dh]` (K: the group's
   longest row; shorter rows padded and masked). Grouping bounds the padding
@@ -78,21 +78,17 @@ def _attend_decode(
     layout: PagedLayout, layer: int, q: torch.Tensor, scaling: float | None
 ) -> list[torch.Tensor]:
     """The decode tokens, one batch per lane tier and per gathered group; returns their
-    outputs `[w, H, Dh]` in packed order."""
+    outputs `[n, H, Dh]` in packed order."""
     d = layout.num_decode
     heads, _, head_dim = q.shape
     kv_heads = layout.cache.shape.kv_heads
     # Grouped heads share their KV head: fold the group into the query length.
     q_dec = q[:, :d].transpose(0, 1).reshape(d, kv_heads, heads // kv_heads, head_dim)
     out: list[torch.Tensor] = []
-    for lanes in layout.lanes:
-        keys, values = lanes.tier.view(layer, lanes.width, lanes.kv_len)  # [w, KVH, K, Dh]
-        span = q_dec[lanes.offset : lanes.offset + lanes.width]  # [w, KVH, rep, Dh]
-        out.append(_attend(span, keys, values, lanes.mask, scaling))
-    for group in layout.decode_groups:
-        keys, values = layout.cache.gather(layer, group.gather, group.size, group.kv_len)
-        span = q_dec[group.offset : group.offset + group.size]  # [g, KVH, rep, Dh]
-        out.append(_attend(span, keys, values, group.mask, scaling))
+    for batch in layout.decode:
+        keys, values = batch.read(layer, layout.cache)  # [n, KVH, K, Dh] each
+        span = q_dec[batch.offset : batch.offset + batch.size]  # [n, KVH, rep, Dh]
+        out.append(_attend(span, keys, values, batch.mask, scaling))
     return out
 
 

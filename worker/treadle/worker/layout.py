@@ -34,31 +34,15 @@ MAX_DECODE_GROUPS = 4
 
 
 @dataclass(frozen=True, slots=True)
-class LaneRead:
-    """Packed decode tokens offset..offset+w-1, read from lanes 0..w-1 of one tier."""
-
-    tier: LaneTier
-    offset: int  # index of its first token in the packed sequence
-    mask: torch.Tensor  # [w, 1, 1, K] additive: 0 where lane i holds position k, else -inf
-
-    @property
-    def width(self) -> int:
-        return int(self.mask.shape[0])
-
-    @property
-    def kv_len(self) -> int:
-        """K: positions read per lane (the longest row's)."""
-        return int(self.mask.shape[-1])
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeGroup:
-    """Packed decode tokens offset..offset+g-1 of rows of similar length, gathered from the
-    pool and attended as one batch."""
+class DecodeBatch:
+    """Packed decode tokens offset..offset+n-1, attended as one batch: the rows holding lanes
+    0..n-1 of one tier, or rows of similar length gathered from the pool."""
 
     offset: int  # index of its first token in the packed sequence
-    gather: torch.Tensor  # [2 * g * KVH * nb] long: arena block rows of their blocks
-    mask: torch.Tensor  # [g, 1, 1, K] additive: 0 where row i has position k, else -inf
+    mask: torch.Tensor  # [n, 1, 1, K] additive: 0 where row i has position k, else -inf
+    tier: LaneTier | None = None  # read from this tier's lanes; None: gathered
+    gather: torch.Tensor | None = None  # [2 * n * KVH * nb] long: arena block rows of the
+    #                                     gathered rows' blocks
 
     @property
     def size(self) -> int:
@@ -66,8 +50,17 @@ class DecodeGroup:
 
     @property
     def kv_len(self) -> int:
-        """K: positions the group reads (its longest row's)."""
+        """K: positions read per row (the longest row's)."""
         return int(self.mask.shape[-1])
+
+    def read(self, layer: int, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer, each `[n, KVH, K, Dh]`: a strided view of the lanes,
+        or the rows' blocks gathered into the arena's scratch buffer."""
+        if self.tier is not None:
+            return self.tier.view(layer, self.size, self.kv_len)
+        if self.gather is None:
+            raise ValueError("a decode batch reads lanes or gathers blocks")
+        return cache.gather(layer, self.gather, self.size, self.kv_len)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +99,7 @@ class PagedLayout:
     #                                    keys then values; None: all of them, in order
     decode_order: list[int]  # packed decode token j is decode row decode_order[j]
     fill: BlockFill | None = None
-    lanes: list[LaneRead] = field(default_factory=list)
-    decode_groups: list[DecodeGroup] = field(default_factory=list)  # with lanes: all decode
+    decode: list[DecodeBatch] = field(default_factory=list)  # every decode token, in order
     chunks: list[Chunk] = field(default_factory=list)
 
     @property
@@ -148,18 +140,17 @@ class PagedLayout:
         tokens = len(positions)  # T
         rows = [cache.write_rows(torch.tensor(slots, device=device)).reshape(-1)]  # [2*KVH*T]
         source: list[torch.Tensor] = []
-        reads: list[LaneRead] = []
+        batches: list[DecodeBatch] = []
         offset = 0
         for g in lane_groups:
             starts = torch.tensor(g.starts, device=device)  # [w]
             rows.append(g.store.write_rows(starts).reshape(-1))  # [2 * KVH * w]
             source.append(_token_rows(cache, tokens, offset, g.width, device))
             mask = _length_mask(starts + 1, g.kv_len, cache.dtype)  # [w, 1, 1, K]
-            reads.append(LaneRead(g.store, offset, mask))
+            batches.append(DecodeBatch(offset, mask, tier=g.store))
             offset += g.width
-        groups = []
         for members in gathered:
-            groups.append(_decode_group(cache, decode, members, offset, device))
+            batches.append(_gathered(cache, decode, members, offset, device))
             offset += len(members)
         chunks = []
         for r in prefill:
@@ -174,8 +165,7 @@ class PagedLayout:
             write_source=torch.cat(source) if source else None,  # [M]
             decode_order=order,
             fill=_fill(cache, lane_groups, device),
-            lanes=reads,
-            decode_groups=groups,
+            decode=batches,
             chunks=chunks,
         )
 
@@ -247,14 +237,14 @@ def _group_rows(decode: Sequence[RowInput], rows: list[int]) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def _decode_group(
+def _gathered(
     cache: PagedKVCache,
     decode: Sequence[RowInput],
     rows: list[int],
     offset: int,
     device: torch.device,
-) -> DecodeGroup:
-    """The gather index of `rows`' blocks and their length mask."""
+) -> DecodeBatch:
+    """The batch of decode rows `rows`, gathered: their blocks' rows and length mask."""
     lengths = [decode[i].start + 1 for i in rows]  # the decode token included
     kv_len = max(lengths)  # K
     width = _blocks_for(kv_len, cache.block_size)  # nb
@@ -264,7 +254,7 @@ def _decode_group(
         tables.append(own + [own[0]] * (width - len(own)))  # padding: masked below
     gather = cache.block_rows(torch.tensor(tables, device=device)).reshape(-1)
     mask = _length_mask(torch.tensor(lengths, device=device), kv_len, cache.dtype)
-    return DecodeGroup(offset=offset, gather=gather, mask=mask)
+    return DecodeBatch(offset, mask, gather=gather)
 
 
 def _chunk(cache: PagedKVCache, r: RowInput, offset: int, device: torch.device) -> Chunk:
