@@ -206,10 +206,9 @@ def _fill(
     0..start-1, in whole blocks (what a block holds past start is overwritten or masked)."""
     dst: list[int] = []
     tables: list[list[int]] = []
-    bs = cache.block_size
     for g in groups:
         for lane, r in g.fills:
-            blocks = -(-r.start // bs)
+            blocks = _blocks_for(r.start, cache.block_size)
             dst.extend(g.store.block_rows(lane, blocks))
             tables.append(list(r.block_table[:blocks]))
     if not dst:
